@@ -1,0 +1,234 @@
+"""pytest-benchmark suite: one MolmoE MoE layer (E=64, top-8, H=2048, I=1024) per provider and T.
+
+Providers: ``int4`` / ``int8`` (our fused_moe: routing + 2 expert launches; group 64 / per
+channel), ``bf16_loop`` (the release's way: a torch loop over the experts that got tokens),
+``bf16_grouped_mm`` (torch._grouped_mm on expert-sorted rows, where torch has it) and
+``nf4_loop`` (bitsandbytes NF4, blocksize 64, the same per-expert loop).
+
+Method: weights for 16 layers are resident and every timed pass runs the layer once per
+weight set, so the 50 MB L2 of an H100 cannot hold them; time per layer from CUDA events
+(median of rounds). Bytes read = weights (+ scales/zeros) of the experts that got tokens plus
+activations in and out; GB/s and the fraction of the measured device copy bandwidth (copy
+counted as read + written) go to ``extra_info``, and a fraction above 1 fails the run.
+Each test also prints one ``MOE_BENCH {json}`` line and, when MOLMOE_BENCH_RESULTS names a
+file, appends that record to it (JSON lines: provider, bits, T, us, gbps, bw_fraction, device).
+
+On CPU (no CUDA) the suite is a smoke test: tiny shapes, our kernels under the interpreter,
+``pytest benchmarks/test_bench_moe.py --benchmark-disable``.
+"""
+
+import json
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from molmoe_lite.kernels.fused_moe import fused_moe, kernels_available  # noqa: E402
+from molmoe_lite.kernels.reference import route  # noqa: E402
+from molmoe_lite.quantize.format import QuantizedWeight  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+if CUDA:
+    E, K, H, I = 64, 8, 2048, 1024  # MolmoE-1B's MoE layer
+    TOKENS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
+    LAYERS, ROUNDS = 16, 10
+    DTYPE = torch.bfloat16
+else:
+    E, K, H, I = 8, 2, 64, 32
+    TOKENS = [1, 12]
+    LAYERS, ROUNDS = 1, 1
+    DTYPE = torch.float32  # the interpreter's bf16 tl.dot is wrong (DESIGN.md)
+PROVIDERS = ["int4", "int8", "bf16_loop", "bf16_grouped_mm", "nf4_loop"]
+
+
+def _random_quantized(bits: int, n: int, k: int, gen: torch.Generator) -> QuantizedWeight:
+    """Random codes and plausible scales in format v1 (the timing does not depend on values)."""
+    g = min(64, k) if bits == 4 else k
+    if bits == 4:
+        qw = torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=DEVICE, generator=gen)
+        zeros = torch.full((E, n, k // g), 7.5, dtype=torch.float16, device=DEVICE)
+    else:
+        qw = torch.randint(-127, 128, (E, n, k), dtype=torch.int8, device=DEVICE, generator=gen)
+        zeros = None
+    scales = torch.full((E, n, k // g), 0.02 / (8 if bits == 4 else 127) * 4, dtype=torch.float16, device=DEVICE)
+    return QuantizedWeight(qw, scales, zeros, bits, g, (E, n, k))
+
+
+class Layers:
+    """LAYERS weight sets of one provider, resident on the device."""
+
+    def __init__(self, provider: str):
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        self.provider = provider
+        self.sets = []
+        for _ in range(LAYERS):
+            if provider in ("int4", "int8"):
+                bits = 4 if provider == "int4" else 8
+                self.sets.append((_random_quantized(bits, 2 * I, H, gen), _random_quantized(bits, H, I, gen)))
+            else:
+                w13 = (torch.randn(E, 2 * I, H, device=DEVICE, generator=gen) * H**-0.5).to(DTYPE)
+                w2 = (torch.randn(E, H, I, device=DEVICE, generator=gen) * I**-0.5).to(DTYPE)
+                if provider == "nf4_loop":
+                    self.sets.append(self._nf4(w13, w2))
+                    del w13, w2
+                else:
+                    self.sets.append((w13, w2))
+
+    @staticmethod
+    def _nf4(w13, w2):
+        import bitsandbytes.functional as bnbf
+
+        def q(w):
+            return [bnbf.quantize_4bit(w[e].contiguous(), blocksize=64, quant_type="nf4") for e in range(E)]
+
+        return q(w13), q(w2)
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's w13 + w2 as this provider stores them."""
+        if self.provider in ("int4", "int8"):
+            return sum(qw.nbytes for qw in self.sets[0]) // E
+        if self.provider == "nf4_loop":
+            # packed nibbles + one fp32 absmax per 64 weights (bnb's default state, no double quant)
+            return 3 * H * I // 2 + 3 * H * I // 64 * 4
+        return 3 * H * I * torch.finfo(DTYPE).bits // 8
+
+
+def _loop(x, weights, ids, n_experts, expert_fn):
+    """The release's MoE: loop over experts that got tokens, index_add the weighted outputs."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        y = expert_fn(e, x[tok])
+        out.index_add_(0, tok, y * weights[tok, slot, None].to(x.dtype))
+    return out
+
+
+def _make_step(provider: str, layers: Layers, x: torch.Tensor, logits: torch.Tensor):
+    if provider in ("int4", "int8"):
+        return lambda w: fused_moe(x, logits, w[0], w[1], top_k=K)
+    weights, ids = route(logits, K)
+    if provider == "bf16_loop":
+        def expert(w, e, xe):
+            gu = xe @ w[0][e].t()
+            return (F.silu(gu[:, :I]) * gu[:, I:]) @ w[1][e].t()
+
+        return lambda w: _loop(x, weights, ids, E, lambda e, xe: expert(w, e, xe))
+    if provider == "nf4_loop":
+        import bitsandbytes as bnb
+
+        def expert(w, e, xe):
+            (q13, s13), (q2, s2) = w[0][e], w[1][e]
+            gu = bnb.matmul_4bit(xe, q13.t(), quant_state=s13)
+            return bnb.matmul_4bit(F.silu(gu[:, :I]) * gu[:, I:], q2.t(), quant_state=s2)
+
+        return lambda w: _loop(x, weights, ids, E, lambda e, xe: expert(w, e, xe))
+    # bf16_grouped_mm: rows sorted by expert, one grouped GEMM each for gate|up and down
+    flat = ids.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+    tok = order // K
+    wflat = weights.reshape(-1)[order, None].to(x.dtype)
+
+    def step(w):
+        xs = x[tok]
+        gu = torch._grouped_mm(xs, w[0].transpose(1, 2), offs=offs)
+        y = torch._grouped_mm(F.silu(gu[:, :I]) * gu[:, I:], w[1].transpose(1, 2), offs=offs)
+        return torch.zeros_like(x).index_add_(0, tok, y * wflat)
+
+    return step
+
+
+@pytest.fixture(scope="module")
+def copy_gbps():
+    """Device copy bandwidth (read + written), the ceiling for bw_fraction."""
+    if not CUDA:
+        return None
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
+
+
+_LAYER_CACHE: dict[str, Layers] = {}
+
+
+def _layers(provider: str) -> Layers:
+    if provider not in _LAYER_CACHE:
+        _LAYER_CACHE.clear()  # one provider's 16 layers resident at a time
+        if CUDA:
+            torch.cuda.empty_cache()
+        _LAYER_CACHE[provider] = Layers(provider)
+    return _LAYER_CACHE[provider]
+
+
+@pytest.mark.parametrize("t", TOKENS, ids=[f"T{t}" for t in TOKENS])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_moe_layer(benchmark, provider, t, copy_gbps):
+    if provider in ("int4", "int8") and not kernels_available(DEVICE):
+        pytest.skip("triton kernels unavailable")
+    if provider == "bf16_grouped_mm" and not (CUDA and hasattr(torch, "_grouped_mm")):
+        pytest.skip("torch._grouped_mm needs CUDA and a torch that has it")
+    if provider == "nf4_loop":
+        if not CUDA:
+            pytest.skip("bitsandbytes NF4 baseline is GPU-only here")
+        pytest.importorskip("bitsandbytes")
+    layers = _layers(provider)
+    gen = torch.Generator(device=DEVICE).manual_seed(t)
+    x = torch.randn(t, H, device=DEVICE, generator=gen).to(DTYPE)
+    logits = torch.randn(t, E, device=DEVICE, generator=gen)
+    step = _make_step(provider, layers, x, logits)
+    try:
+        step(layers.sets[0])
+    except (RuntimeError, NotImplementedError) as exc:  # e.g. _grouped_mm on an unsupported arch
+        pytest.skip(f"{provider} unavailable here: {exc}"[:200])
+
+    def one_pass():
+        for w in layers.sets:
+            step(w)
+
+    if CUDA:
+        one_pass()  # warm-up (compiles, allocator)
+        times = []
+        for _ in range(ROUNDS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            one_pass()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / LAYERS)
+        us = sorted(times)[len(times) // 2]
+        benchmark.pedantic(lambda: (one_pass(), torch.cuda.synchronize()), rounds=3, iterations=1)
+    else:
+        benchmark(one_pass)
+        us = None
+
+    n_used = len(torch.unique(route(logits, K)[1]))
+    bytes_read = n_used * layers.expert_bytes() + 2 * t * H * x.element_size()
+    rec = {"provider": provider, "bits": {"int4": 4, "int8": 8, "nf4_loop": 4}.get(provider, torch.finfo(DTYPE).bits),
+           "T": t,
+           "us": us, "bytes": bytes_read, "experts_used": n_used,
+           "gbps": bytes_read / (us * 1e-6) / 1e9 if us else None,
+           "device": torch.cuda.get_device_name() if CUDA else "cpu (interpreter smoke test)"}
+    rec["bw_fraction"] = rec["gbps"] / copy_gbps if (us and copy_gbps) else None
+    rec["copy_gbps"] = copy_gbps
+    benchmark.extra_info.update(rec)
+    print("MOE_BENCH " + json.dumps(rec))
+    path = os.environ.get("MOLMOE_BENCH_RESULTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    if rec["bw_fraction"] is not None:
+        assert rec["bw_fraction"] <= 1.0, f"{provider} T={t}: {rec['bw_fraction']:.2f} of copy bandwidth is impossible"

@@ -1,0 +1,1 @@
+"""Fused MoE kernels (Triton) and their pure-torch reference."""

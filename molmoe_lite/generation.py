@@ -1,0 +1,277 @@
+"""Text generation for MolmoE: the release's ``generate_from_batch`` and a simple ``generate``.
+
+Method: a batch (pads are -1, right-padded as the processor's ``collate`` makes it)
+is first moved to left padding, row by row (image indices shifted with their
+tokens), so every row's last prompt token sits in the last column; positions come
+from the attention mask, so each row computes what it would alone. One prefill
+fills a static KV cache sized to prompt + new tokens and yields logits at the last
+position only; each decode step then feeds one token per row. Greedy by default;
+temperature and nucleus (top-p) sampling on request. A row stops at EOS or at a stop
+string; finished rows are filled with the pad id. Streaming decodes the new ids
+incrementally and holds back text that ends in an incomplete UTF-8 character, so the
+pieces always join to exactly the full decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingSettings:
+    """What one generation call does, merged from a GenerationConfig and keyword arguments."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    seed: int | None = None
+
+    @classmethod
+    def merge(cls, generation_config: Any = None, **overrides: Any) -> "SamplingSettings":
+        s = cls()
+        if generation_config is not None:
+            get = (lambda k: generation_config.get(k)) if isinstance(generation_config, dict) else (
+                lambda k: getattr(generation_config, k, None)
+            )
+            if get("max_new_tokens") is not None:
+                s.max_new_tokens = int(get("max_new_tokens"))
+            if get("do_sample"):
+                s.temperature = float(get("temperature") or 1.0)
+                s.top_p = float(get("top_p") or 1.0)
+            stops = get("stop_strings")
+            if stops:
+                s.stop_strings = (stops,) if isinstance(stops, str) else tuple(stops)
+            eos = get("eos_token_id")
+            if eos is not None:
+                s.eos_token_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+            if get("pad_token_id") is not None:
+                s.pad_token_id = int(get("pad_token_id"))
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key == "stop_strings":
+                value = (value,) if isinstance(value, str) else tuple(value)
+            setattr(s, key, value)
+        if s.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
+        if s.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {s.temperature}")
+        if not 0 < s.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
+        return s
+
+
+def to_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move each row's -1 pads to the left; image indices move with their tokens."""
+    ids = batch["input_ids"]
+    if ids.dim() == 1:
+        batch = {k: (v[None] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        ids = batch["input_ids"]
+    out = dict(batch)
+    real = ids != -1
+    length = ids.shape[1]
+    shift = length - real.sum(1)  # [B] pads per row
+    if not bool(shift.any()):
+        return out
+    new_ids = torch.full_like(ids, -1)
+    for b in range(ids.shape[0]):
+        row = ids[b][real[b]]  # real tokens in order (pads may only trail or lead)
+        new_ids[b, length - row.numel() :] = row
+    out["input_ids"] = new_ids
+    idx = batch.get("image_input_idx")
+    if idx is not None:
+        # indices are positions in the right-padded row; valid tokens keep their relative order
+        first_real = real.float().argmax(1)  # leading pads already present, if any
+        delta = (shift - first_real).view(-1, *([1] * (idx.dim() - 1)))
+        out["image_input_idx"] = torch.where(idx >= 0, idx + delta, idx)
+    return out
+
+
+def _sample(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | None) -> torch.Tensor:
+    """One token per row from logits [B, V]."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class GenerationMixin:
+    """``generate_from_batch``, ``stream_tokens`` and ``generate`` for ``MolmoE``."""
+
+    @torch.inference_mode()
+    def stream_tokens(
+        self, batch: dict[str, torch.Tensor], settings: SamplingSettings, tokenizer: Any = None
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row ([B] long) until all rows stop.
+
+        Rows that already stopped yield the pad id.
+        """
+        batch = to_left_padding(batch)
+        ids = batch["input_ids"].to(self.device)
+        bsz, length = ids.shape
+        max_ctx = self.config.max_sequence_length
+        if length + settings.max_new_tokens > max_ctx:
+            raise ValueError(
+                f"the prompt is {length} tokens and max_new_tokens is {settings.max_new_tokens}: "
+                f"together more than the model's context of {max_ctx} tokens "
+                "(use a shorter prompt, a smaller image, or fewer new tokens)"
+            )
+        if settings.max_new_tokens == 0:
+            return
+        tok = tokenizer or getattr(self.processor, "tokenizer", None)
+        eos = settings.eos_token_id
+        if eos is None and tok is not None:
+            eos = tok.eos_token_id
+        pad = settings.pad_token_id
+        if pad is None:
+            pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        if pad is None:
+            pad = eos if eos is not None else 0
+        if settings.stop_strings and tok is None:
+            raise ValueError("stop_strings need a tokenizer (pass tokenizer=...)")
+        gen = torch.Generator(device=self.device).manual_seed(settings.seed) if settings.seed is not None else None
+
+        mask = ids != -1
+        cache = self.new_cache(bsz, length + settings.max_new_tokens)
+        logits = self(
+            ids,
+            images=batch.get("images"),
+            image_input_idx=batch.get("image_input_idx"),
+            image_masks=batch.get("image_masks"),
+            attention_mask=mask,
+            cache=cache,
+            logits_at="last",
+        )[:, -1]
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        new_ids: list[list[int]] = [[] for _ in range(bsz)]
+        for step in range(settings.max_new_tokens):
+            nxt = _sample(logits, settings, gen)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            yield nxt
+            for b, t in enumerate(nxt.tolist()):
+                if done[b]:
+                    continue
+                new_ids[b].append(t)
+                if (eos is not None and t == eos) or self._hits_stop(new_ids[b], settings.stop_strings, tok):
+                    done[b] = True
+            if bool(done.all()) or step + 1 == settings.max_new_tokens:
+                return
+            mask = torch.cat([mask, torch.ones(bsz, 1, dtype=torch.bool, device=self.device)], dim=1)
+            logits = self(nxt[:, None], attention_mask=mask, cache=cache, logits_at="last")[:, -1]
+
+    @staticmethod
+    def _hits_stop(ids: list[int], stops: tuple[str, ...], tok: Any) -> bool:
+        if not stops:
+            return False
+        longest = max(len(s) for s in stops)
+        # a stop string of n characters spans at most n tokens (plus one partial byte token)
+        tail = tok.decode(ids[-(longest + 2) :], skip_special_tokens=False)
+        return any(s in tail for s in stops)
+
+    @torch.inference_mode()
+    def generate_from_batch(
+        self,
+        batch: dict[str, torch.Tensor],
+        generation_config: Any = None,
+        *,
+        tokenizer: Any = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop_strings: Any = None,
+        seed: int | None = None,
+        **_ignored: Any,
+    ) -> torch.Tensor:
+        """Prompt + new ids, [B, L + n] (n the longest row's new tokens; shorter rows padded).
+
+        Mirrors the release: ``generate_from_batch(batch, GenerationConfig(max_new_tokens=200,
+        stop_strings="<|endoftext|>"), tokenizer=processor.tokenizer)``. Unbatched
+        processor output is accepted (a batch of one).
+        """
+        settings = SamplingSettings.merge(
+            generation_config,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_strings=stop_strings,
+            seed=seed,
+        )
+        ids = batch["input_ids"]
+        prompt = ids[None] if ids.dim() == 1 else ids
+        steps = list(self.stream_tokens(batch, settings, tokenizer))
+        if not steps:
+            return prompt.clone()
+        new = torch.stack(steps, dim=1).to(prompt.device)
+        return torch.cat([prompt, new], dim=1)
+
+    def generate(
+        self,
+        images: Any,
+        prompt: str,
+        max_new_tokens: int = 200,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stream: bool = False,
+        seed: int | None = None,
+        transparent: str = "composite",
+    ) -> str | Iterator[str]:
+        """The answer to ``prompt`` about ``images`` (one image, a list, or None for text only).
+
+        With ``stream=True`` an iterator of text pieces whose concatenation is the answer.
+        """
+        if self.processor is None:
+            raise ValueError("this model has no processor attached; load it with molmoe_lite.load()")
+        inputs = self.processor.process(images=images, text=prompt, transparent=transparent)
+        settings = SamplingSettings.merge(
+            None, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+        pieces = self._stream_text(inputs, settings)
+        return pieces if stream else "".join(pieces)
+
+    def _stream_text(self, inputs: dict[str, torch.Tensor], settings: SamplingSettings) -> Iterator[str]:
+        tok = self.processor.tokenizer
+        eos = tok.eos_token_id
+        ids: list[int] = []
+        shown = ""
+
+        def decode(x: list[int]) -> str:
+            return tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        for nxt in self.stream_tokens(inputs, settings, tok):
+            t = int(nxt[0])
+            if t == eos:
+                break
+            ids.append(t)
+            text = decode(ids)
+            # hold back a trailing partial UTF-8 character until its last byte arrives
+            if text.endswith("\ufffd") or not text.startswith(shown):
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+        text = decode(ids)
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown) :]
+        elif not text.startswith(shown):  # pragma: no cover - byte-level decoding is prefix-stable
+            raise RuntimeError("streamed text diverged from the full decode")
+
+
+def decode_answer(tokenizer: Any, ids: list[int]) -> str:
+    """The answer text for new ids, cut at EOS (the same rule streaming uses)."""
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -1,0 +1,330 @@
+"""The OLMoE language model of MolmoE: embeddings, 16 pre-norm MoE blocks, final norm.
+
+The module tree reproduces the release's state-dict keys under ``model.transformer.``
+(``wte.embedding``, ``blocks.{i}.attn.att_proj``, ``blocks.{i}.mlp.experts.{e}.up_proj``,
+``ln_f``...), so release checkpoints load with no renaming. Per block:
+
+    x = x + attn_out(SDPA(rope(q_norm(q)), rope(k_norm(k)), v))   with q|k|v = att_proj(attn_norm(x))
+    x = x + sum_{e in top-k} p_e * down_e(silu(gate_e(h)) * up_e(h)),  h = ff_norm(x), p = softmax(router(h))
+
+Quirks kept from the release: q_norm/k_norm act on the whole projection before the
+head split; router softmax in fp32 over all experts, top-k *without* renormalisation;
+experts accumulate with ``index_add_`` in expert order; padded keys get the dtype's
+finite minimum added to the attention bias (never -inf), so all-pad rows stay finite.
+
+Dtypes: parameters live in the compute dtype. With float16 the residual stream and every
+RMSNorm weight stay in fp32 (the release ran fp32 weights under bf16 autocast; OLMoE's
+residual stream can exceed fp16's 65504), and each matmul input is cast to fp16.
+bfloat16 and float32 keep everything in that dtype.
+
+Shape legend: B batch, L new tokens, S keys so far (cache + new), H heads, D head dim,
+d model width, T = B*L tokens, E experts, K top-k, I expert hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from molmoe_lite.config import MolmoeConfig
+from molmoe_lite.model.layers import RMSNorm, apply_rope, rope_cos_sin
+
+
+class DecoderInputError(ValueError):
+    """Inputs to the decoder with the wrong shape, dtype or range, or a full KV cache."""
+
+
+def residual_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
+    """fp16 keeps the residual stream (and norm weights) in fp32; other dtypes use themselves."""
+    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
+
+
+# ---------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated (static) keys and values of every layer; ``length`` tokens are filled.
+
+    Static buffers keep addresses fixed across decode steps (CUDA-graph friendly). Layers
+    write at ``[length, length + L)`` during a forward; the Transformer advances
+    ``length`` once after all layers ran.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (n_layers, batch, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, B, H, max_len, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [layers, B, H, max_len, D]
+        self.length = 0
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, L, D] after the filled part; return all keys/values [B, H, S, D]."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# ---------------------------------------------------------------------------------------
+# Embedding
+# ---------------------------------------------------------------------------------------
+class Embedding(nn.Module):
+    """Token embedding split in two tables: ids < embedding_size read ``embedding``, the
+    rest read ``new_embedding`` (Molmo's extra rows). Id -1 (batch padding) embeds as id 0."""
+
+    def __init__(self, num_embeddings: int, num_new: int, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding = nn.Parameter(torch.zeros(num_embeddings, dim, dtype=dtype))  # [V, d]
+        if num_new:
+            self.new_embedding = nn.Parameter(torch.zeros(num_new, dim, dtype=dtype))  # [V_new, d]
+        else:  # configs without additional_vocab_size have no such key in the checkpoint
+            self.register_parameter("new_embedding", None)
+
+    @property
+    def total(self) -> int:
+        extra = 0 if self.new_embedding is None else self.new_embedding.shape[0]
+        return self.num_embeddings + extra
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] long -> [..., d]
+        ids = ids.masked_fill(ids == -1, 0)
+        if self.new_embedding is None:
+            return F.embedding(ids, self.embedding)
+        # Two lookups and a select instead of concatenating the tables (a 400 MB copy at fp32).
+        is_new = ids >= self.num_embeddings
+        base = F.embedding(ids.masked_fill(is_new, 0), self.embedding)
+        new = F.embedding((ids - self.num_embeddings).clamp(min=0), self.new_embedding)
+        return torch.where(is_new[..., None], new, base)
+
+
+# ---------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------
+def attention_bias(key_mask: torch.Tensor, past: int, n_new: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive bias [B, 1, L, S]: 0 where query i (absolute position past + i) may see key j
+    (causal and key_mask[b, j]), the dtype's finite minimum elsewhere."""
+    S = key_mask.shape[1]
+    q_pos = torch.arange(past, past + n_new, device=key_mask.device)  # [L]
+    k_pos = torch.arange(S, device=key_mask.device)  # [S]
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask[:, None, :]  # [B, L, S]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]  # [B, 1, L, S]
+
+
+class Attention(nn.Module):
+    """attn_norm -> att_proj (q|k|v) -> q_norm/k_norm on full projections -> RoPE -> SDPA -> attn_out."""
+
+    def __init__(self, cfg: MolmoeConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        d, H, KV, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        norm_dtype = residual_dtype_for(dtype)
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = H, KV, D
+        self.compute_dtype = dtype
+        self.attn_norm = RMSNorm(d, cfg.layer_norm_eps, norm_dtype)
+        self.att_proj = nn.Linear(d, (H + 2 * KV) * D, bias=False, dtype=dtype)  # rows: q, k, v
+        self.q_norm = RMSNorm(H * D, cfg.layer_norm_eps, norm_dtype)
+        self.k_norm = RMSNorm(KV * D, cfg.layer_norm_eps, norm_dtype)
+        self.attn_out = nn.Linear(H * D, d, bias=False, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, L, d] residual stream
+        cos: torch.Tensor,  # [B, L, D] fp32
+        sin: torch.Tensor,  # [B, L, D] fp32
+        bias: torch.Tensor,  # [B, 1, L, S] compute dtype
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:  # [B, L, d] compute dtype
+        B, L, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        h = self.attn_norm(x).to(self.compute_dtype)
+        q, k, v = self.att_proj(h).split([H * D, KV * D, KV * D], dim=-1)  # [B, L, H*D] each
+        q = self.q_norm(q).to(self.compute_dtype)
+        k = self.k_norm(k).to(self.compute_dtype)
+        q = apply_rope(q.view(B, L, H, D).transpose(1, 2), cos, sin)  # [B, H, L, D]
+        k = apply_rope(k.view(B, L, KV, D).transpose(1, 2), cos, sin)  # [B, KV, L, D]
+        v = v.view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, KV, S, D]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(D))  # [B, H, L, D]
+        return self.attn_out(o.transpose(1, 2).reshape(B, L, H * D))
+
+
+# ---------------------------------------------------------------------------------------
+# Mixture of experts
+# ---------------------------------------------------------------------------------------
+class Expert(nn.Module):
+    """SwiGLU MLP: down(silu(gate x) * up x), no biases."""
+
+    def __init__(self, d: int, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False, dtype=dtype)  # [I, d]
+        self.up_proj = nn.Linear(d, hidden, bias=False, dtype=dtype)  # [I, d]
+        self.down_proj = nn.Linear(hidden, d, bias=False, dtype=dtype)  # [d, I]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(nn.Module):
+    """ff_norm -> router softmax (fp32) over all experts -> top-k (no renorm) -> weighted experts."""
+
+    def __init__(self, cfg: MolmoeConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        d, E = cfg.d_model, cfg.moe_num_experts
+        self.top_k = cfg.moe_top_k
+        self.compute_dtype = dtype
+        self.ff_norm = RMSNorm(d, cfg.layer_norm_eps, residual_dtype_for(dtype))
+        self.gate = nn.Linear(d, E, bias=False, dtype=dtype)  # router [E, d]
+        self.experts = nn.ModuleList(Expert(d, cfg.expert_hidden, dtype) for _ in range(E))
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, d] -> routing weights [T, K] (h's dtype) and expert ids [T, K] long."""
+        probs = torch.softmax(self.gate(h).float(), dim=-1)  # [T, E] fp32, over all experts
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]; no renormalisation
+        return weights.to(h.dtype), ids
+
+    def experts_forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[t, k] * expert_{ids[t, k]}(h[t]) -> [T, d], accumulated in h's dtype
+        in expert order 0..E-1 (the order matters only below fp32), skipping idle experts."""
+        out = torch.zeros_like(h)  # [T, d]
+        hit = torch.bincount(ids.flatten(), minlength=len(self.experts)).nonzero().flatten().tolist()
+        for e in hit:
+            tok, slot = torch.where(ids == e)  # tokens routed to e, and which of their K slots
+            y = self.experts[e](h[tok]) * weights[tok, slot, None]  # [T_e, d]
+            out.index_add_(0, tok, y)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, d] residual -> [B, L, d] compute dtype
+        B, L, d = x.shape
+        h = self.ff_norm(x).to(self.compute_dtype).reshape(B * L, d)  # [T, d]
+        weights, ids = self.route(h)
+        return self.experts_forward(h, weights, ids).view(B, L, d)
+
+
+# ---------------------------------------------------------------------------------------
+# Block and model
+# ---------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm residual block; the norms live inside attn and mlp (release key layout)."""
+
+    def __init__(self, cfg: MolmoeConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.attn = Attention(cfg, layer_idx, dtype)
+        self.mlp = MoEBlock(cfg, dtype)
+
+    def forward(self, x, cos, sin, bias, cache: KVCache | None = None) -> torch.Tensor:
+        # Adding a compute-dtype update to a fp32 residual promotes to fp32 (the fp16 path).
+        x = x + self.attn(x, cos, sin, bias, cache)
+        return x + self.mlp(x)
+
+
+class Transformer(nn.Module):
+    """The decoder stack (``model.transformer`` in the release): wte, blocks, ln_f.
+
+    Build it under ``torch.device("meta")`` and load with
+    ``layers.assign_state_dict`` (or ``load_state_dict(..., assign=True)`` after casting each
+    tensor to its parameter's dtype). ``compute_dtype`` is fixed at construction; do not
+    ``.to(dtype)`` the module afterwards.
+    """
+
+    def __init__(self, cfg: MolmoeConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise DecoderInputError(f"compute dtype {dtype} is not supported (float32, bfloat16, float16)")
+        self.cfg = cfg
+        self.compute_dtype = dtype
+        self.residual_dtype = residual_dtype_for(dtype)
+        self.wte = Embedding(cfg.embedding_size, cfg.additional_vocab_size, cfg.d_model, dtype)
+        self.blocks = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.layer_norm_eps, self.residual_dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L] long (-1 = padding) -> embeddings [B, L, d] in the compute dtype."""
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise DecoderInputError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < -1 or hi >= self.wte.total:
+                raise DecoderInputError(
+                    f"input_ids contain {lo if lo < -1 else hi}, outside the embedding's ids "
+                    f"-1..{self.wte.total - 1} (-1 is padding)"
+                )
+        return self.wte(input_ids.long())
+
+    def new_cache(self, batch: int, max_len: int | None = None, device=None) -> KVCache:
+        """An empty KV cache sized for this model (max_len defaults to max_sequence_length)."""
+        cfg = self.cfg
+        if device is None:
+            device = self.ln_f.weight.device
+        return KVCache(
+            cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_sequence_length,
+            cfg.head_dim, self.compute_dtype, device,
+        )
+
+    def _check(self, inputs_embeds, position_ids, key_mask, cache) -> None:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.d_model:
+            raise DecoderInputError(
+                f"inputs_embeds must be [B, L, {self.cfg.d_model}], got {tuple(inputs_embeds.shape)}"
+            )
+        B, L, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        if tuple(position_ids.shape) != (B, L):
+            raise DecoderInputError(
+                f"position_ids must be [B, L] = {(B, L)}, got {tuple(position_ids.shape)}"
+            )
+        if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (B, past + L):
+            raise DecoderInputError(
+                f"key_mask must be bool [B, cache length + L] = {(B, past + L)}, "
+                f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+            )
+        if cache is not None:
+            if cache.batch != B:
+                raise DecoderInputError(f"KV cache holds batch {cache.batch}, inputs have batch {B}")
+            if past + L > cache.max_len:
+                raise DecoderInputError(
+                    f"KV cache full: {past} cached + {L} new tokens > max_len {cache.max_len}"
+                )
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # [B, L, d]
+        position_ids: torch.Tensor,  # [B, L] long
+        key_mask: torch.Tensor,  # [B, S] bool, True = real key, S = cache.length + L
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:  # [B, L, d] after ln_f, compute dtype
+        self._check(inputs_embeds, position_ids, key_mask, cache)
+        L = inputs_embeds.shape[1]
+        past = cache.length if cache is not None else 0
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)  # [B, L, D]
+        bias = attention_bias(key_mask, past, L, self.compute_dtype)  # [B, 1, L, S]
+        x = inputs_embeds.to(self.residual_dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, bias, cache)
+        if cache is not None:
+            cache.length += L
+        return self.ln_f(x).to(self.compute_dtype)

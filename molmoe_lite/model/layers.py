@@ -1,0 +1,87 @@
+"""Small building blocks of the OLMoE decoder: RMSNorm and rotary position embeddings.
+
+RMSNorm follows the release bit for bit: normalise in fp32, cast back to the input
+dtype, then multiply by the weight (the weight multiplies *after* the cast, so a
+fp32 weight on a fp16 input yields fp32, which the fp16 path relies on).
+
+RoPE is the rotate-half ("llama", not interleaved) form with the angles, sin/cos and
+the rotation itself computed in fp32 whatever the compute dtype, as the release does
+(``rope_full_precision``). Angles come from explicit ``position_ids`` so left padding
+works; nothing is cached in buffers, so modules built on the meta device need no
+re-initialisation after ``load_state_dict(assign=True)``.
+
+Shape legend: B batch, L new tokens, S keys so far, H heads, D head dim, d model width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``weight * (x / sqrt(mean(x^2) + eps))``, weight only (no bias)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))  # [dim]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1 | x2] -> [-x2 | x1] over the last dim (halves, not interleaved pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, L, D] in fp32 for integer positions [B, L].
+
+    Frequency j (j < D/2) is ``theta ** (-2j / D)``; both halves of the head share it.
+    """
+    device = position_ids.device
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [B, L, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, L, D] by the angles (cos, sin [B, L, D]); fp32 math, result in x's dtype."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, D]: shared by all heads
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+
+
+def assign_state_dict(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    device: torch.device | str | None = None,
+    strict: bool = True,
+) -> None:
+    """Load ``state`` into a (typically meta-device) module with ``assign=True``, no double copies.
+
+    ``assign=True`` keeps the incoming tensor's dtype, so each tensor is first cast to the
+    dtype the module chose for that parameter (e.g. fp32 norms in a fp16 model) and moved
+    to ``device`` (default: the parameter's device, unless that is meta, then the tensor's).
+    """
+    params = dict(module.named_parameters())
+    ready = {}
+    for key, tensor in state.items():
+        target = params.get(key)
+        if target is None:  # left for load_state_dict to report as unexpected
+            ready[key] = tensor
+            continue
+        dev = device if device is not None else (tensor.device if target.is_meta else target.device)
+        ready[key] = tensor.to(device=dev, dtype=target.dtype)
+    module.load_state_dict(ready, strict=strict, assign=True)

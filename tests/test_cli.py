@@ -1,0 +1,66 @@
+"""The ``molmoe-lite`` command, through a subprocess as a user runs it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _cli(*args, env_extra=None, timeout=300):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "molmoe_lite.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def test_help_explains_the_commands():
+    out = _cli("--help")
+    assert out.returncode == 0
+    for word in ("run", "demo", "MolmoE"):
+        assert word in out.stdout
+    run_help = _cli("run", "--help")
+    assert "--image" in run_help.stdout and "hub id" in run_help.stdout
+
+
+def test_demo_writes_its_checkpoint_once_and_answers(tmp_path):
+    env = {"MOLMOE_LITE_CACHE": str(tmp_path)}
+    first = _cli("demo", "--max-new-tokens", "5", env_extra=env)
+    assert first.returncode == 0, first.stderr
+    assert "random" in first.stderr
+    folders = list(tmp_path.glob("demo-tiny-v*"))
+    assert len(folders) == 1 and (folders[0] / "pytorch_model.bin").exists()
+    assert not list(tmp_path.glob(".demo-tiny-*")), "the temporary build folder must be gone"
+    mtime = (folders[0] / "pytorch_model.bin").stat().st_mtime_ns
+    second = _cli("demo", "--max-new-tokens", "5", env_extra=env)
+    assert second.returncode == 0, second.stderr
+    assert (folders[0] / "pytorch_model.bin").stat().st_mtime_ns == mtime
+    # greedy decoding of the same cached model: the same answer both times
+    assert first.stdout == second.stdout
+
+
+def test_run_streams_an_answer_for_an_image_file(tiny_release, tmp_path):
+    from molmoe_lite.demo import demo_image
+
+    img = tmp_path / "scene.png"
+    demo_image().save(img)
+    out = _cli("run", str(tiny_release), "--image", str(img), "--max-new-tokens", "4", "Describe this image.")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith("\n")
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda tmp, rel: ["run", str(tmp / "nope"), "hi"], "no such folder"),
+        (lambda tmp, rel: ["run", str(rel), "--image", str(tmp / "missing.png"), "hi"], "missing.png"),
+        (lambda tmp, rel: ["run", str(rel), "--image", str(rel / "config.json"), "hi"], "config.json"),
+    ],
+    ids=["missing-model-folder", "missing-image", "not-an-image"],
+)
+def test_bad_input_gives_one_clear_line(tiny_release, tmp_path, make_args, message):
+    out = _cli(*make_args(tmp_path, tiny_release))
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,32 @@
+"""The model on a GPU in bfloat16 / float16 against float32 on the CPU (skipped without CUDA)."""
+
+import pytest
+import torch
+
+from molmoe_lite import load
+from molmoe_lite.demo import demo_image
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# Low-precision logits against fp32: bf16 keeps 8 mantissa bits, so a relative error of a few
+# percent over a whole tiny model is expected; top-1 agreement is the stronger check.
+TOLERANCE = {torch.bfloat16: 0.05, torch.float16: 0.01}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_low_precision_matches_cpu_fp32(tiny_release, tiny_model, dtype):
+    gpu = load(tiny_release, device="cuda", dtype=dtype)
+    inputs = tiny_model.processor.process(images=demo_image(), text="Describe this image.")
+    with torch.no_grad():
+        ref = tiny_model(**inputs)[0].float()
+        got = gpu(**inputs)[0].float().cpu()
+    assert torch.isfinite(got).all()
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel <= TOLERANCE[dtype], rel
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, agree
+    text_gpu = gpu.generate(demo_image(), "Describe this image.", max_new_tokens=8)
+    assert isinstance(text_gpu, str)
