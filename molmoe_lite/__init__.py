@@ -18,6 +18,7 @@ _EXPORTS = {
     "MolmoeConfig": "molmoe_lite.config",
     "Processor": "molmoe_lite.processor",
     "parse_points": "molmoe_lite.points",
+    "patch": "molmoe_lite.patching",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -36,5 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from molmoe_lite.api import load
     from molmoe_lite.config import MolmoeConfig
     from molmoe_lite.model.molmoe import MolmoE
+    from molmoe_lite.patching import patch
     from molmoe_lite.points import parse_points
     from molmoe_lite.processor import Processor

@@ -1,7 +1,9 @@
 """The ``molmoe-lite`` command: thin wrappers over the Python API.
 
-Subcommands: ``run`` (answer a prompt about images, streaming), ``demo`` (the
-offline tiny-model demo). Errors we can explain (bad paths, bad images, bad
+Subcommands: ``run`` (answer a prompt about images, streaming), ``quantize``
+(release checkpoint -> compact int4/int8 checkpoint), ``inspect`` (what a checkpoint
+holds and the GPU memory it needs), ``compare`` (float vs quantised logits on a
+user's image), ``demo`` (the offline tiny-model demo). Errors we can explain (bad paths, bad images, bad
 checkpoints, bad configs) print one line naming the problem and exit with status 2;
 ``--debug`` shows the traceback instead.
 """
@@ -14,6 +16,8 @@ from typing import Callable
 
 EPILOG = """examples:
   molmoe-lite demo
+  molmoe-lite quantize ./MolmoE-1B-0924 ./molmoe-int4 --bits 4
+  molmoe-lite run ./molmoe-int4 --image cat.jpg "Describe this image." --stats
   molmoe-lite run ./MolmoE-1B-0924 --image cat.jpg "Describe this image."
   molmoe-lite run allenai/MolmoE-1B-0924 --image cat.jpg "Point to the cat."
 """
@@ -53,8 +57,55 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", metavar="MODEL", help="checkpoint folder, or a hub id such as allenai/MolmoE-1B-0924")
     run.add_argument("prompt", metavar="PROMPT", help="the question or instruction")
     run.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeat for several; none = text only)")
+    run.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
+    run.add_argument("--stats", action="store_true", help="print time to first token, decode tokens/s and peak memory")
+    run.add_argument("--points", metavar="OUT.png", default=None, help="draw the points of a pointing answer onto the (first) image")
     _add_generation_args(run, 200)
     run.set_defaults(func=cmd_run)
+
+    quant = sub.add_parser(
+        "quantize",
+        help="convert a release checkpoint into a compact quantised one (int4/int8 experts)",
+        description="Stream SRC (a release folder with pytorch_model.bin or safetensors, or a hub id) once into DST: "
+        "safetensors shards with int4/int8 expert weights, the rest cast to --dtype. Memory stays about one layer; "
+        "DST appears only when complete.",
+    )
+    quant.add_argument("src", metavar="SRC", help="release folder or hub id")
+    quant.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty, unless --force)")
+    quant.add_argument("--bits", type=int, choices=[4, 8], default=4, help="expert weight bits (default %(default)s)")
+    quant.add_argument("--group-size", type=int, default=None, help="int4: 32/64/128 (default 64); int8: default per output channel")
+    quant.add_argument("--include", default="experts", help="comma-separated: experts[,attention][,lm_head] (default %(default)s)")
+    quant.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of the unquantised tensors (default %(default)s)")
+    quant.add_argument("--device", default="cpu", help="where the rounding runs: cpu (default) or cuda")
+    quant.add_argument("--method", default="refit", choices=["refit", "rtn"], help="rounding: refit (default, lower error) or rtn")
+    quant.add_argument("--force", action="store_true", help="replace a non-empty DST")
+    quant.set_defaults(func=cmd_quantize)
+
+    insp = sub.add_parser(
+        "inspect",
+        help="describe a checkpoint: quantisation, tensor sizes, GPU memory needed",
+        description="Print the quantisation config, tensor counts and sizes, and the GPU memory the model needs "
+        "(weights + KV cache for --context tokens).",
+    )
+    insp.add_argument("path", metavar="DIR", help="checkpoint folder")
+    insp.add_argument("--context", type=int, default=4096, help="tokens of KV cache to count (default %(default)s)")
+    insp.add_argument("--batch", type=int, default=1, help="sequences of KV cache to count (default %(default)s)")
+    insp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    insp.set_defaults(func=cmd_inspect)
+
+    cmp_ = sub.add_parser(
+        "compare",
+        help="top-1 agreement and KL divergence between a float and a quantised model",
+        description="Run FLOAT_DIR and QUANT_DIR in turn on the same image and prompt and compare their logits at every position.",
+    )
+    cmp_.add_argument("float_dir", metavar="FLOAT_DIR")
+    cmp_.add_argument("quant_dir", metavar="QUANT_DIR")
+    cmp_.add_argument("--image", required=True, metavar="PATH")
+    cmp_.add_argument("--prompt", default="Describe this image.")
+    cmp_.add_argument("--device", default=None)
+    cmp_.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    cmp_.add_argument("--json", action="store_true", help="print the full result as JSON")
+    cmp_.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser(
         "demo",
@@ -63,12 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--image", default=None, metavar="PATH", help="an image file (default: a synthetic scene)")
     demo.add_argument("--prompt", default="Describe this image.", help="default: %(default)r")
+    demo.add_argument("--float", action="store_true", help="run the float checkpoint instead of its int4 conversion")
     _add_generation_args(demo, 24)
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
-def _stream(model, images, args) -> None:
+def _stream(model, images, args) -> str:
+    """Print the answer as it comes; return it whole."""
+    pieces = []
     for piece in model.generate(
         images,
         args.prompt,
@@ -79,33 +133,117 @@ def _stream(model, images, args) -> None:
         stream=True,
         transparent=args.transparent,
     ):
+        pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    return "".join(pieces)
+
+
+def _print_stats(model) -> None:
+    import torch
+
+    s = model.last_stats
+    line = (
+        f"[stats] prompt {s.prompt_tokens} tokens, time to first token {s.ttft_s:.2f} s, "
+        f"{s.new_tokens} new tokens, decode {s.decode_tokens_per_s:.1f} tokens/s"
+    )
+    if model.device.type == "cuda":
+        peak = torch.cuda.max_memory_reserved(model.device) / 2**30
+        line += f", peak GPU memory reserved {peak:.2f} GiB (plus the CUDA context)"
+    else:
+        import resource
+
+        line += f", peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    print(line, file=sys.stderr)
 
 
 def cmd_run(args) -> int:
     from molmoe_lite.api import load
 
-    model = load(args.model, device=args.device, dtype=args.dtype)
+    model = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     images = args.image or None
-    _stream(model, images, args)
+    text = _stream(model, images, args)
+    if args.stats:
+        _print_stats(model)
+    if args.points:
+        _save_points(text, args.image, args.points)
+    return 0
+
+
+def _save_points(text: str, images: list[str], out: str) -> None:
+    from molmoe_lite.images import load_image
+    from molmoe_lite.points import draw_points, parse_points
+
+    if not images:
+        raise ValueError("--points needs an --image to draw on")
+    image = load_image(images[0])
+    points = parse_points(text, image.width, image.height)
+    draw_points(image, points, out)
+    print(f"[points] {len(points)} point(s) drawn into {out}", file=sys.stderr)
+
+
+def cmd_quantize(args) -> int:
+    from molmoe_lite.hub import resolve_model
+    from molmoe_lite.quantize.convert import convert
+
+    summary = convert(
+        resolve_model(args.src),
+        args.dst,
+        bits=args.bits,
+        group_size=args.group_size,
+        include=args.include,
+        dtype=args.dtype,
+        device=args.device,
+        force=args.force,
+        method=args.method,
+    )
+    print(summary)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from molmoe_lite.quantize.inspect import format_report, inspect_checkpoint
+
+    info = inspect_checkpoint(args.path, context=args.context, batch=args.batch)
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from molmoe_lite.compare import compare_models
+
+    r = compare_models(args.float_dir, args.quant_dir, args.image, args.prompt, device=args.device, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"positions: {r['positions']}")
+        print(f"top-1 agreement: {100 * r['top1_agreement']:.1f}%")
+        print(f"KL(float || quantised) per position: mean {r['kl_mean']:.4g}, max {r['kl_max']:.4g} nats")
+        print(f"relative logit error: {r['rel_error']:.4g}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from molmoe_lite.api import load
-    from molmoe_lite.demo import demo_checkpoint, demo_image
+    from molmoe_lite.demo import demo_checkpoint, demo_image, demo_quantized
 
     folder = demo_checkpoint()
+    if not args.float:
+        folder = demo_quantized(folder)
     print(f"tiny random MolmoE checkpoint: {folder}", file=sys.stderr)
     print("note: the weights are random, so the answer is meaningless text; real weights take the same path:", file=sys.stderr)
-    print("      molmoe-lite run PATH_OR_HUB_ID --image IMAGE \"prompt\"", file=sys.stderr)
+    print("      molmoe-lite quantize RELEASE_DIR OUT_DIR && molmoe-lite run OUT_DIR --image IMAGE \"prompt\"", file=sys.stderr)
     model = load(folder, device=args.device, dtype=args.dtype)
     image = args.image or demo_image()
     print(f"prompt: {args.prompt}", file=sys.stderr)
     _stream(model, image, args)
+    _print_stats(model)
     return 0
 
 

@@ -62,3 +62,16 @@ def demo_image(width: int = 536, height: int = 354) -> Image.Image:
     draw.rectangle([x0, y0, x0 + 140, y0 + 110], fill=(180, 60, 50))
     draw.polygon([(x0 - 10, y0), (x0 + 70, y0 - 60), (x0 + 150, y0)], fill=(90, 50, 40))
     return img
+
+
+def demo_quantized(float_folder: Path) -> Path:
+    """The int4 conversion of the demo checkpoint, made once beside it (``molmoe-lite quantize``'s code)."""
+    import torch
+
+    from molmoe_lite.quantize.convert import convert
+
+    folder = float_folder.with_name(float_folder.name + "-int4")
+    if not (folder / "config.json").exists():
+        # the converter builds aside and renames when complete, so a half-written folder never shows
+        convert(float_folder, folder, bits=4, group_size=64, dtype=torch.float32, progress=False, force=True)
+    return folder

@@ -5,7 +5,8 @@ is first moved to left padding, row by row (image indices shifted with their
 tokens), so every row's last prompt token sits in the last column; positions come
 from the attention mask, so each row computes what it would alone. One prefill
 fills a static KV cache sized to prompt + new tokens and yields logits at the last
-position only; each decode step then feeds one token per row. Greedy by default;
+position only; each decode step then feeds one token per row through
+``fast_decode.StaticDecoder`` (fixed shapes; a CUDA graph where possible). Greedy by default;
 temperature and nucleus (top-p) sampling on request. A row stops at EOS or at a stop
 string; finished rows are filled with the pad id. Streaming decodes the new ids
 incrementally and holds back text that ends in an incomplete UTF-8 character, so the
@@ -14,11 +15,32 @@ pieces always join to exactly the full decode.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from molmoe_lite.fast_decode import StaticDecoder
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last generation call (``model.last_stats``)."""
+
+    prompt_tokens: int = 0
+    batch: int = 1
+    new_tokens: int = 0
+    ttft_s: float = 0.0  # prompt in -> first new token out (processor time excluded)
+    total_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens after the first, per second of decoding (per sequence)."""
+        steps = self.new_tokens - 1
+        span = self.total_s - self.ttft_s
+        return steps / span if steps > 0 and span > 0 else 0.0
 
 
 @dataclass
@@ -145,6 +167,9 @@ class GenerationMixin:
         gen = torch.Generator(device=self.device).manual_seed(settings.seed) if settings.seed is not None else None
 
         mask = ids != -1
+        start = time.perf_counter()
+        stats = GenerationStats(prompt_tokens=length, batch=bsz)
+        self.last_stats = stats
         cache = self.new_cache(bsz, length + settings.max_new_tokens)
         logits = self(
             ids,
@@ -155,22 +180,29 @@ class GenerationMixin:
             cache=cache,
             logits_at="last",
         )[:, -1]
-        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        decoder = StaticDecoder(self, cache, mask)
+        finished = [False] * bsz
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)  # finished, on the device
         new_ids: list[list[int]] = [[] for _ in range(bsz)]
         for step in range(settings.max_new_tokens):
             nxt = _sample(logits, settings, gen)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            host = nxt.tolist()  # waits for the device: this token exists now
+            now = time.perf_counter() - start
+            if step == 0:
+                stats.ttft_s = now
+            stats.new_tokens, stats.total_s = step + 1, now
             yield nxt
-            for b, t in enumerate(nxt.tolist()):
-                if done[b]:
+            for b, t in enumerate(host):
+                if finished[b]:
                     continue
                 new_ids[b].append(t)
                 if (eos is not None and t == eos) or self._hits_stop(new_ids[b], settings.stop_strings, tok):
-                    done[b] = True
-            if bool(done.all()) or step + 1 == settings.max_new_tokens:
+                    finished[b] = True
+                    done = torch.tensor(finished, device=self.device)
+            if all(finished) or step + 1 == settings.max_new_tokens:
                 return
-            mask = torch.cat([mask, torch.ones(bsz, 1, dtype=torch.bool, device=self.device)], dim=1)
-            logits = self(nxt[:, None], attention_mask=mask, cache=cache, logits_at="last")[:, -1]
+            logits = decoder.step(nxt)
 
     @staticmethod
     def _hits_stop(ids: list[int], stops: tuple[str, ...], tok: Any) -> bool:

@@ -62,3 +62,19 @@ def parse_points(text: str, width: float = 100.0, height: float = 100.0) -> list
                 continue
             points.append(Point(x * width / 100.0, y * height / 100.0, label))
     return points
+
+
+def draw_points(image, points: list[Point], path, radius: int | None = None) -> None:
+    """Save ``image`` (a PIL image) with a marked circle and label at every point."""
+    from PIL import ImageDraw
+
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    r = radius or max(4, round(min(canvas.size) / 60))
+    for p in points:
+        box = [p.x - r, p.y - r, p.x + r, p.y + r]
+        draw.ellipse(box, outline=(255, 255, 255), width=max(2, r // 3) + 2)
+        draw.ellipse(box, outline=(230, 30, 30), width=max(2, r // 3))
+        if p.label:
+            draw.text((p.x + r + 2, p.y - r), p.label, fill=(230, 30, 30))
+    canvas.save(path)

@@ -99,8 +99,33 @@ def _torch_reason(exc: BaseException) -> str:
     return " ".join(paragraphs[0].split()) if paragraphs else type(exc).__name__
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """Map one zip-format torch pickle; every value must be a tensor."""
+def _torch_load_mapped(path: Path, shared: bool) -> Any:
+    if not shared:
+        return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    import mmap
+
+    from torch.serialization import get_default_mmap_options, set_default_mmap_options
+
+    # torch opens a shared mapping read-write: a read-only file falls back to a private one.
+    if not os.access(path, os.W_OK):
+        return _torch_load_mapped(path, False)
+    prev = get_default_mmap_options()
+    set_default_mmap_options(mmap.MAP_SHARED)
+    try:
+        return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    finally:
+        set_default_mmap_options(prev)
+
+
+def _load_bin(path: Path, shared_mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Map one zip-format torch pickle; every value must be a tensor.
+
+    ``shared_mmap``: map the file MAP_SHARED instead of MAP_PRIVATE. A private (copy-on-write)
+    mapping is charged against the commit limit, and Linux's default overcommit heuristic
+    refuses one larger than RAM + swap (the release's 29 GB .bin on a 16-24 GB machine:
+    "Cannot allocate memory"); a shared file mapping is not charged. Tensors then write
+    through to the file, so only callers that never modify them (the converter) ask for it.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -118,9 +143,13 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             "since torch 1.6) or convert it to safetensors"
         )
     try:
-        obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        obj = _torch_load_mapped(path, shared_mmap)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / others
-        raise CheckpointError(f"{path}: cannot load ({_torch_reason(e)})") from e
+        reason = _torch_reason(e)
+        if "Cannot allocate memory" in reason and not shared_mmap:
+            reason += ("; a private mapping larger than RAM + swap is refused by the kernel's "
+                       "overcommit check: open it with shared_mmap=True")
+        raise CheckpointError(f"{path}: cannot load ({reason})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path}: holds a {type(obj).__name__}, expected a dict of tensor name -> tensor"
@@ -203,8 +232,9 @@ class CheckpointReader:
     tensors from safetensors are read when asked for.
     """
 
-    def __init__(self, path: str | Path, fmt: str) -> None:
+    def __init__(self, path: str | Path, fmt: str, *, shared_mmap: bool = False) -> None:
         self.path = Path(path)
+        self.shared_mmap = shared_mmap  # .bin only: see _load_bin
         self.format = fmt
         self._safetensors = fmt.endswith("safetensors")
         if fmt.startswith("sharded-"):
@@ -229,7 +259,7 @@ class CheckpointReader:
     def _handle(self, file: Path) -> Any:
         handle = self._handles.get(file)
         if handle is None:
-            handle = _open_safetensors(file) if self._safetensors else _load_bin(file)
+            handle = _open_safetensors(file) if self._safetensors else _load_bin(file, self.shared_mmap)
             if self._file_of:  # sharded: the shard must hold what the index says it holds
                 held = set(self._file_keys(handle))
                 absent = [k for k, f in self._file_of.items() if f == file and k not in held]
@@ -330,29 +360,32 @@ class CheckpointReader:
         return f"CheckpointReader({str(self.path)!r}, format={self.format!r}, tensors={len(self)})"
 
 
-def open_checkpoint(path: str | Path) -> CheckpointReader:
+def open_checkpoint(path: str | Path, *, shared_mmap: bool = False) -> CheckpointReader:
     """Open the checkpoint in ``path``: a folder (layout detected) or one of the four files.
 
     Detection order in a folder: model.safetensors.index.json, model.safetensors,
-    pytorch_model.bin.index.json, pytorch_model.bin.
+    pytorch_model.bin.index.json, pytorch_model.bin. ``shared_mmap=True`` maps ``.bin``
+    files MAP_SHARED (needed for a .bin larger than RAM + swap; tensors then write
+    through to the file: for read-only callers such as the converter).
     """
+    kw = {"shared_mmap": shared_mmap}
     path = Path(path)
     if path.is_file():
         name = path.name
         if name.endswith(".safetensors.index.json"):
-            return CheckpointReader(path, "sharded-safetensors")
+            return CheckpointReader(path, "sharded-safetensors", **kw)
         if name.endswith(".bin.index.json"):
-            return CheckpointReader(path, "sharded-bin")
+            return CheckpointReader(path, "sharded-bin", **kw)
         if name.endswith(".safetensors"):
-            return CheckpointReader(path, "safetensors")
+            return CheckpointReader(path, "safetensors", **kw)
         if name.endswith((".bin", ".pt", ".pth")):
-            return CheckpointReader(path, "bin")
+            return CheckpointReader(path, "bin", **kw)
         raise CheckpointError(f"{path}: not a checkpoint file name (.safetensors, .bin or an index json)")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
     for name, fmt in LAYOUTS:
         if (path / name).is_file():
-            return CheckpointReader(path / name, fmt)
+            return CheckpointReader(path / name, fmt, **kw)
     looked = ", ".join(name for name, _ in LAYOUTS)
     raise CheckpointError(f"{path}: no checkpoint found (looked for {looked})")
 

@@ -29,13 +29,18 @@ def test_demo_writes_its_checkpoint_once_and_answers(tmp_path):
     first = _cli("demo", "--max-new-tokens", "5", env_extra=env)
     assert first.returncode == 0, first.stderr
     assert "random" in first.stderr
-    folders = list(tmp_path.glob("demo-tiny-v*"))
-    assert len(folders) == 1 and (folders[0] / "pytorch_model.bin").exists()
-    assert not list(tmp_path.glob(".demo-tiny-*")), "the temporary build folder must be gone"
-    mtime = (folders[0] / "pytorch_model.bin").stat().st_mtime_ns
+    assert "tokens/s" in first.stderr  # the stats line
+    floats = [p for p in tmp_path.glob("demo-tiny-v*") if not p.name.endswith("-int4")]
+    quants = list(tmp_path.glob("demo-tiny-v*-int4"))
+    assert len(floats) == 1 and (floats[0] / "pytorch_model.bin").exists()
+    # the demo runs the int4 conversion of the float checkpoint (the quantised path)
+    assert len(quants) == 1 and (quants[0] / "model.safetensors.index.json").exists()
+    assert str(quants[0]) in first.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary build folders must be gone"
+    stamps = {p: p.stat().st_mtime_ns for p in (floats[0] / "pytorch_model.bin", quants[0] / "config.json")}
     second = _cli("demo", "--max-new-tokens", "5", env_extra=env)
     assert second.returncode == 0, second.stderr
-    assert (folders[0] / "pytorch_model.bin").stat().st_mtime_ns == mtime
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "the cached checkpoints were rewritten"
     # greedy decoding of the same cached model: the same answer both times
     assert first.stdout == second.stdout
 

@@ -149,3 +149,22 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_model):
     ctx = tiny_model.config.max_sequence_length
     with pytest.raises(ValueError, match="context"):
         tiny_model.generate_from_batch(inputs, max_new_tokens=ctx)
+
+
+def test_static_decode_steps_equal_full_recomputation(tiny_model, image_inputs):
+    from molmoe_lite.fast_decode import StaticDecoder
+
+    ids = image_inputs["input_ids"]
+    extra = torch.randint(3, 400, (4,), generator=torch.Generator().manual_seed(1))
+    full_ids = torch.cat([ids, extra])
+    with torch.no_grad():
+        full = tiny_model(full_ids, images=image_inputs["images"], image_input_idx=image_inputs["image_input_idx"],
+                          image_masks=image_inputs["image_masks"])[0]
+        # a cache with spare slots: the static step must mask the unfilled ones out
+        cache = tiny_model.new_cache(1, full_ids.numel() + 3)
+        first = tiny_model(**image_inputs, cache=cache, logits_at="last")[0, -1]
+        decoder = StaticDecoder(tiny_model, cache, torch.ones(1, ids.numel(), dtype=torch.bool))
+        assert not decoder.use_graph  # CPU: eager
+        steps = [first] + [decoder.step(t.view(1)).clone()[0] for t in extra]
+    assert cache.length == full_ids.numel()
+    assert _rel(torch.stack(steps), full[ids.numel() - 1 :]) <= 1e-4

@@ -30,3 +30,22 @@ def test_gpu_low_precision_matches_cpu_fp32(tiny_release, tiny_model, dtype):
     assert agree >= 0.9, agree
     text_gpu = gpu.generate(demo_image(), "Describe this image.", max_new_tokens=8)
     assert isinstance(text_gpu, str)
+
+
+def test_cuda_graph_decode_equals_eager_decode(tiny_release):
+    from molmoe_lite.fast_decode import StaticDecoder
+
+    model = load(tiny_release, device="cuda", dtype=torch.bfloat16, quantize="int4")
+    inputs = model.processor.process(images=demo_image(), text="Describe this image.")
+    batch = {k: v[None].cuda() for k, v in inputs.items()}
+    tokens = torch.tensor([5, 17, 42, 7, 99], device="cuda")
+    outs = {}
+    for use_graph in (False, True):
+        with torch.no_grad():
+            cache = model.new_cache(1, batch["input_ids"].shape[1] + len(tokens))
+            model(**batch, cache=cache, logits_at="last")
+            dec = StaticDecoder(model, cache, batch["input_ids"] != -1, use_graph=use_graph)
+            outs[use_graph] = torch.stack([dec.step(t.view(1)).clone()[0].float() for t in tokens])
+            assert (dec.graph is not None) == use_graph
+    rel = float((outs[True] - outs[False]).norm() / outs[False].norm())
+    assert rel <= 1e-3, rel

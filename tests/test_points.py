@@ -34,3 +34,18 @@ def test_label_falls_back_to_tag_text_and_percent_by_default():
 )
 def test_malformed_tags_are_skipped(text):
     assert parse_points(text, 100, 100) == []
+
+
+def test_draw_points_marks_the_pixels(tmp_path):
+    from PIL import Image
+
+    from molmoe_lite.points import draw_points
+
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    out = tmp_path / "marked.png"
+    draw_points(img, [Point(50.0, 50.0, "a")], out, radius=6)
+    marked = Image.open(out).convert("RGB")
+    assert marked.size == (200, 100)
+    ring = [marked.getpixel((50 + dx, 50)) for dx in (-6, 6)]
+    assert all(px != (0, 0, 0) for px in ring)
+    assert marked.getpixel((150, 90)) == (0, 0, 0)

@@ -85,6 +85,15 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def write_at(
+        self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one step's k, v [B, H, 1, D] at slot ``pos`` (a device tensor [1]); return the
+        whole buffers [B, H, max_len, D]. No Python ints from the device: graph-capturable."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
+
     def reset(self) -> None:
         self.length = 0
 
@@ -158,6 +167,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,  # [B, L, D] fp32
         bias: torch.Tensor,  # [B, 1, L, S] compute dtype
         cache: KVCache | None = None,
+        cache_pos: torch.Tensor | None = None,  # [1] long: static decode writes this slot
     ) -> torch.Tensor:  # [B, L, d] compute dtype
         B, L, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -168,7 +178,9 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, L, H, D).transpose(1, 2), cos, sin)  # [B, H, L, D]
         k = apply_rope(k.view(B, L, KV, D).transpose(1, 2), cos, sin)  # [B, KV, L, D]
         v = v.view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
-        if cache is not None:
+        if cache_pos is not None:  # static decode: all max_len keys, unfilled ones masked in bias
+            k, v = cache.write_at(self.layer_idx, cache_pos, k, v)  # [B, KV, max_len, D]
+        elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, KV, S, D]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(D))  # [B, H, L, D]
         return self.attn_out(o.transpose(1, 2).reshape(B, L, H * D))
@@ -190,6 +202,25 @@ class Expert(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class DenseExperts(nn.ModuleList):
+    """The experts of one layer as float ``Expert`` modules (keys ``experts.{e}.*``).
+
+    Called as ``experts(h, weights, ids)``: the plain-torch reference that the quantised,
+    kernel-backed experts (``molmoe_lite.quantized.QuantizedExperts``) replace.
+    """
+
+    def forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[t, k] * expert_{ids[t, k]}(h[t]) -> [T, d], accumulated in h's dtype
+        in expert order 0..E-1 (the order matters only below fp32), skipping idle experts."""
+        out = torch.zeros_like(h)  # [T, d]
+        hit = torch.bincount(ids.flatten(), minlength=len(self)).nonzero().flatten().tolist()
+        for e in hit:
+            tok, slot = torch.where(ids == e)  # tokens routed to e, and which of their K slots
+            y = self[e](h[tok]) * weights[tok, slot, None]  # [T_e, d]
+            out.index_add_(0, tok, y)
+        return out
+
+
 class MoEBlock(nn.Module):
     """ff_norm -> router softmax (fp32) over all experts -> top-k (no renorm) -> weighted experts."""
 
@@ -200,7 +231,7 @@ class MoEBlock(nn.Module):
         self.compute_dtype = dtype
         self.ff_norm = RMSNorm(d, cfg.layer_norm_eps, residual_dtype_for(dtype))
         self.gate = nn.Linear(d, E, bias=False, dtype=dtype)  # router [E, d]
-        self.experts = nn.ModuleList(Expert(d, cfg.expert_hidden, dtype) for _ in range(E))
+        self.experts = DenseExperts(Expert(d, cfg.expert_hidden, dtype) for _ in range(E))
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [T, d] -> routing weights [T, K] (h's dtype) and expert ids [T, K] long."""
@@ -209,15 +240,8 @@ class MoEBlock(nn.Module):
         return weights.to(h.dtype), ids
 
     def experts_forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """sum_k weights[t, k] * expert_{ids[t, k]}(h[t]) -> [T, d], accumulated in h's dtype
-        in expert order 0..E-1 (the order matters only below fp32), skipping idle experts."""
-        out = torch.zeros_like(h)  # [T, d]
-        hit = torch.bincount(ids.flatten(), minlength=len(self.experts)).nonzero().flatten().tolist()
-        for e in hit:
-            tok, slot = torch.where(ids == e)  # tokens routed to e, and which of their K slots
-            y = self.experts[e](h[tok]) * weights[tok, slot, None]  # [T_e, d]
-            out.index_add_(0, tok, y)
-        return out
+        """The weighted top-k sum of the experts, [T, d] (whichever experts module is installed)."""
+        return self.experts(h, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, d] residual -> [B, L, d] compute dtype
         B, L, d = x.shape
@@ -237,9 +261,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx, dtype)
         self.mlp = MoEBlock(cfg, dtype)
 
-    def forward(self, x, cos, sin, bias, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, bias, cache: KVCache | None = None, cache_pos=None) -> torch.Tensor:
         # Adding a compute-dtype update to a fp32 residual promotes to fp32 (the fp16 path).
-        x = x + self.attn(x, cos, sin, bias, cache)
+        x = x + self.attn(x, cos, sin, bias, cache, cache_pos)
         return x + self.mlp(x)
 
 
@@ -327,4 +351,27 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, bias, cache)
         if cache is not None:
             cache.length += L
+        return self.ln_f(x).to(self.compute_dtype)
+
+    def decode_static(
+        self,
+        input_ids: torch.Tensor,  # [B, 1] long, real tokens (no padding)
+        key_mask: torch.Tensor,  # [B, max_len] bool, True = real key, this step's slot included
+        cache: KVCache,
+        cache_pos: torch.Tensor,  # [1] long, the slot this token's k/v go to
+    ) -> torch.Tensor:  # [B, 1, d] after ln_f, compute dtype
+        """One decode step with every shape fixed and no host sync: what a CUDA graph captures.
+
+        Attention reads all ``max_len`` cached keys (unfilled slots are masked out), so
+        the caller sizes the cache to the prompt plus the new tokens. ``cache.length`` is
+        not advanced; the caller tracks the position.
+        """
+        position = key_mask.sum(-1, keepdim=True) - 1  # [B, 1]: real tokens before this one
+        cos, sin = rope_cos_sin(position, self.cfg.head_dim, self.cfg.rope_theta)  # [B, 1, D]
+        # slots after cache_pos are never set in key_mask, so the key mask alone is causal here
+        bias = torch.zeros(key_mask.shape, dtype=self.compute_dtype, device=key_mask.device)
+        bias = bias.masked_fill_(~key_mask, torch.finfo(self.compute_dtype).min)[:, None, None]  # [B,1,1,S]
+        x = self.wte(input_ids).to(self.residual_dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, bias, cache, cache_pos)
         return self.ln_f(x).to(self.compute_dtype)

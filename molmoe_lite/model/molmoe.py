@@ -48,7 +48,7 @@ class MolmoE(GenerationMixin, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.transformer.ln_f.weight.device
 
     # ---- pieces of the forward pass ---------------------------------------------
     def embed(
@@ -79,7 +79,7 @@ class MolmoE(GenerationMixin, nn.Module):
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        return self.lm_head(hidden.to(self.compute_dtype))
 
     def forward(
         self,

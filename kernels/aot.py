@@ -1,0 +1,160 @@
+"""Ahead-of-time compile of every kernel with every shipped launch config, no GPU needed.
+
+The interpreter runs kernels without resource limits, so a config needing more shared memory
+than a laptop GPU has passes the CPU tests and fails on the card. This compiles each kernel
+through Triton's real pipeline (``triton.compile(ASTSource, target=GPUTarget("cuda", cap, 32))``,
+LLVM and the ptxas shipped in the triton wheel) at MolmoE's constants (top-8, G = 64, 64
+experts) and reports the shared memory against configs.SMEM_LIMIT. Activations are bf16 from
+sm_80 on and fp16 on sm_75 (Turing has no bf16 tensor cores).
+
+Run as ``python -m molmoe_lite.kernels.aot [--arch 86] [--bits 4 8] [--json] [-j 2]``; exit status 0
+when everything compiles and fits, 1 otherwise, 3 when this machine cannot compile for CUDA at all.
+Must run in a process without TRITON_INTERPRET=1: whether triton's own ``tl.max``/``tl.sum`` are
+compiled or interpreted is fixed when triton is imported, so this entry point switches the
+interpreter off before importing it (tests call it in a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+# kernel key -> (module, kernel function); the four expert kernels take the config tables
+EXPERT_KERNELS = {
+    "gate_up_decode": ("moe_gemv", "_gate_up_gemv_kernel"),
+    "down_decode": ("moe_gemv", "_down_gemv_kernel"),
+    "gate_up_grouped": ("moe_grouped", "_gate_up_grouped_kernel"),
+    "down_grouped": ("moe_grouped", "_down_grouped_kernel"),
+}
+TOOLCHAIN_EXIT = 3
+
+
+def _ptr_types(act: str, bits: int) -> dict[str, str]:
+    q = "*u8" if bits == 4 else "*i8"
+    return {"x_ptr": act, "act_ptr": act, "out_ptr": act, "y_ptr": act, "logits_ptr": act,
+            "qw_ptr": q, "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": "*fp32", "weights_ptr": "*fp32"}
+
+
+def job_list(archs: list[int], bits_list: list[int]) -> list[dict]:
+    """Every (kernel, arch, bits) to compile, with its constants and launch options."""
+    from .configs import CONFIGS
+
+    jobs = []
+    for cap in archs:
+        act = "*fp16" if cap < 80 else "*bf16"
+        table = CONFIGS[cap]
+        jobs.append({"kernel": "topk_softmax", "module": "routing", "fn": "_topk_softmax_kernel", "cap": cap,
+                     "bits": 0, "ptrs": _ptr_types(act, 4),
+                     "const": {"TOP_K": 8, "BLOCK_K": 8, "BLOCK_E": 64, "RENORMALIZE": False},
+                     "options": {"num_warps": 1}})
+        for key, (mod, fn) in EXPERT_KERNELS.items():
+            cfg = table[key]
+            for bits in bits_list:
+                const = {"BITS": bits, "GROUP": 64, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+                if key != "down_grouped":
+                    const["TOP_K"] = 8
+                if "grouped" in key:
+                    const.update(BLOCK_M=cfg["BLOCK_M"], PRECISION="tf32")
+                jobs.append({"kernel": key, "module": mod, "fn": fn, "cap": cap, "bits": bits,
+                             "ptrs": _ptr_types(act, bits), "const": const,
+                             "options": {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}})
+    return jobs
+
+
+def compile_job(job: dict) -> dict:
+    """Compile one job; returns the job's identity plus ``shared`` bytes or ``error``."""
+    os.environ["TRITON_INTERPRET"] = "0"
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .configs import SMEM_LIMIT
+
+    kernel = getattr(importlib.import_module(f"molmoe_lite.kernels.{job['module']}"), job["fn"])
+    sig = {}
+    for name in kernel.arg_names:
+        if name in job["const"]:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = job["ptrs"].get(name, "*i32")  # index buffers are int32
+        else:
+            sig[name] = "i32"
+    res = {k: job[k] for k in ("kernel", "cap", "bits")}
+    res["limit"] = SMEM_LIMIT[job["cap"]]
+    try:
+        ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=job["const"]),
+                            target=GPUTarget("cuda", job["cap"], 32), options=job["options"])
+    except Exception as exc:  # noqa: BLE001 - reported per job, the caller decides
+        res["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        return res
+    res["shared"] = int(ck.metadata.shared)
+    res["has_cubin"] = "cubin" in ck.asm
+    return res
+
+
+def toolchain_problem() -> str | None:
+    """None when a trivial compile for sm_80 works here, else why not."""
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception as exc:  # noqa: BLE001
+        return f"triton does not import: {exc}"
+
+    @triton.jit
+    def _probe(p):
+        tl.store(p, 1.0)
+
+    try:
+        triton.compile(ASTSource(fn=_probe, signature={"p": "*fp32"}), target=GPUTarget("cuda", 80, 32))
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"[:500]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported anywhere in this process
+    from .configs import CONFIGS
+
+    ap = argparse.ArgumentParser(prog="python -m molmoe_lite.kernels.aot", description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, nargs="*", default=sorted(CONFIGS), help="compute capabilities, e.g. 75 86")
+    ap.add_argument("--bits", type=int, nargs="*", default=[4, 8], choices=[4, 8])
+    ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="compile in this many processes")
+    args = ap.parse_args(argv)
+    bad_arch = [a for a in args.arch if a not in CONFIGS]
+    if bad_arch:
+        ap.error(f"no shipped config for arch {bad_arch}; shipped: {sorted(CONFIGS)}")
+    problem = toolchain_problem()
+    if problem:
+        print(f"cannot compile for CUDA here: {problem}", file=sys.stderr)
+        return TOOLCHAIN_EXIT
+    jobs = job_list(args.arch, args.bits)
+    if args.jobs > 1:
+        # spawn: fresh workers that import triton with the interpreter off, no forked threads
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(compile_job, jobs))
+    else:
+        results = [compile_job(j) for j in jobs]
+    failed = 0
+    for r in results:
+        ok = "error" not in r and r["shared"] <= r["limit"]
+        failed += not ok
+        if args.json:
+            print(json.dumps(r), flush=True)
+        else:
+            what = r.get("error") or f"{r['shared']:>7} B shared (limit {r['limit']})"
+            print(f"sm_{r['cap']} {r['kernel']:<16} int{r['bits'] or '-'}  {'ok  ' if ok else 'FAIL'} {what}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

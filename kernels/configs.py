@@ -1,0 +1,131 @@
+"""Launch configurations per GPU architecture, and an environment variable that pins one.
+
+Each architecture gets a table {kernel name: {block sizes, num_warps, num_stages}} sized to its
+per-block shared-memory limit (a laptop sm_86 has 99 KB, an H100 227 KB): the grouped kernels
+pipeline their tiles through shared memory (num_stages copies), the GEMV-style decode kernels use
+almost none. ``tests/test_kernels_aot.py`` compiles every kernel with every table for every
+architecture through Triton's ahead-of-time path and checks the shared memory it reports.
+
+Pinning: ``MOLMOE_LITE_KERNEL_CONFIG`` is either an architecture name (``sm_80``: use that table
+on any device) or a JSON object of per-kernel overrides merged over the detected table, e.g.
+``{"down_decode": {"BLOCK_N": 16}, "decode_max_tokens": 4}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+
+import torch
+
+ENV_VAR = "MOLMOE_LITE_KERNEL_CONFIG"
+
+KERNELS = ("gate_up_decode", "down_decode", "gate_up_grouped", "down_grouped")
+
+# opt-in dynamic shared memory per block (bytes), CUDA programming guide, "compute capabilities"
+SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+class KernelConfigError(ValueError):
+    """A bad value of MOLMOE_LITE_KERNEL_CONFIG."""
+
+
+def _table(dec_gu, dec_dn, grp_gu, grp_dn, decode_max_tokens):
+    return {"gate_up_decode": dec_gu, "down_decode": dec_dn, "gate_up_grouped": grp_gu,
+            "down_grouped": grp_dn, "decode_max_tokens": decode_max_tokens}
+
+
+# Decode: GEMV-style, one program per (token, k) x BLOCK_N rows; BLOCK_N is small so that at T = 1
+# there are several programs per SM (H=2048 / 8 = 256 programs for down) and all SMs read weights.
+# Grouped: tensor-core tiles; BLOCK_K >= 32 because int4 splits a K-step into even/odd halves and
+# tl.dot needs an inner size of at least 16.
+CONFIGS = {
+    75: _table(
+        {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 2, "num_stages": 1},
+        {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+        8),
+    80: _table(
+        {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        8),
+    86: _table(
+        {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+        8),
+    89: _table(
+        {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+        8),
+    90: _table(
+        {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+        8),
+}
+
+# Nearest shipped table for an unlisted capability (e.g. sm_87 Orin -> 86, sm_100+ -> 90).
+def _nearest_arch(cap: int) -> int:
+    known = sorted(CONFIGS)
+    below = [a for a in known if a <= cap]
+    return below[-1] if below else known[0]
+
+
+def _parse_env(value: str) -> tuple[int | None, dict]:
+    value = value.strip()
+    if value.startswith("sm_"):
+        try:
+            arch = int(value[3:])
+        except ValueError:
+            arch = -1
+        if arch not in CONFIGS:
+            raise KernelConfigError(
+                f"{ENV_VAR}={value!r}: unknown architecture; shipped: {', '.join(f'sm_{a}' for a in CONFIGS)}")
+        return arch, {}
+    try:
+        over = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise KernelConfigError(f"{ENV_VAR}: neither sm_XX nor valid JSON ({exc})") from None
+    if not isinstance(over, dict):
+        raise KernelConfigError(f"{ENV_VAR}: JSON must be an object, got {type(over).__name__}")
+    for key, val in over.items():
+        if key not in KERNELS and key != "decode_max_tokens":
+            raise KernelConfigError(f"{ENV_VAR}: unknown key {key!r}; known: {', '.join(KERNELS)}, decode_max_tokens")
+        if key in KERNELS and not isinstance(val, dict):
+            raise KernelConfigError(f"{ENV_VAR}: {key} must map to an object of launch parameters")
+    return None, over
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(cap: int, env_value: str) -> dict:
+    arch, over = _parse_env(env_value) if env_value else (None, {})
+    table = copy.deepcopy(CONFIGS[arch if arch is not None else _nearest_arch(cap)])
+    for key, val in over.items():
+        if isinstance(val, dict):
+            table[key].update(val)
+        else:
+            table[key] = int(val)
+    return table
+
+
+def device_arch(device: torch.device | None = None) -> int:
+    """Compute capability as an int (86 for sm_86); 80 off CUDA (the interpreter path)."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 80
+
+
+def get_config(device: torch.device | None = None) -> dict:
+    """The launch table for ``device`` (after applying MOLMOE_LITE_KERNEL_CONFIG)."""
+    return _resolved(device_arch(device), os.environ.get(ENV_VAR, ""))

@@ -1,0 +1,144 @@
+"""Triton helpers that load one tile of a quantised weight and dequantise it in registers.
+
+Layout (quantize/format.py, version 1), for one expert's W [N, K] (N out, K in, group G along K):
+  int4: qweight uint8 [N, K // 2], element k in byte k // 2, low nibble for even k, high for odd;
+        scales, zeros fp16 [N, K // G]; w = (q - zero) * scale.
+  int8: qweight int8 [N, K]; scales fp16 [N, K // G]; w = q * scale.
+
+The helpers take row indices ``n`` and column indices (``j`` bytes for int4, ``k`` for int8)
+already shaped for broadcasting, so the same code yields a [BN, BK] tile for GEMV-style kernels
+and a [BK, BN] tile (the B operand of ``tl.dot``) for the grouped kernels. int4 returns two
+tiles, even and odd k, so a byte is loaded once and never re-interleaved: callers multiply
+them by the even/odd columns of the activations. When a K-step lies inside one group
+(G % BLOCK_K == 0) the scales are one value per row, loaded once per step; otherwise
+(G < BLOCK_K or G not a power of two, e.g. per-channel G = K) they are gathered per element.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dequant_int4_tile(qw_ptr, s_ptr, z_ptr, n, j, k0, N, K,
+                      GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    # qw_ptr: uint8 [N, K // 2]; s_ptr, z_ptr: fp16 [N, K // G]
+    # n: rows, j: byte columns (absolute), broadcastable to the tile; k0: first k of this step
+    kh = K // 2
+    ng = K // GROUP
+    row_ok = n < N
+    mask = row_ok & (j < kh)
+    b = tl.load(qw_ptr + n * kh + j, mask=mask, other=0)
+    if GROUP % BLOCK_K == 0:
+        g = k0 // GROUP
+        s = tl.load(s_ptr + n * ng + g, mask=row_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + n * ng + g, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        g = (2 * j) // GROUP
+        s = tl.load(s_ptr + n * ng + g, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + n * ng + g, mask=mask, other=0.0).to(tl.float32)
+    lo = (b & 15).to(tl.float32)
+    hi = (b >> 4).to(tl.float32)
+    return (lo - z) * s, (hi - z) * s
+
+
+@triton.jit
+def dequant_int8_tile(qw_ptr, s_ptr, n, k, k0, N, K,
+                      GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    # qw_ptr: int8 [N, K]; s_ptr: fp16 [N, K // G]
+    ng = K // GROUP
+    row_ok = n < N
+    mask = row_ok & (k < K)
+    q = tl.load(qw_ptr + n * K + k, mask=mask, other=0).to(tl.float32)
+    if GROUP % BLOCK_K == 0:
+        s = tl.load(s_ptr + n * ng + k0 // GROUP, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + n * ng + k // GROUP, mask=mask, other=0.0).to(tl.float32)
+    return q * s
+
+
+# ---------------------------------------------------------------- GEMV steps (decode kernels)
+# A GEMV step returns sum_k W[rows, k] * x[k] over k in [k0, k0 + BLOCK_K) as fp32 [BN].
+# At batch 1 the dequantisation, not the memory, is the budget (an H100 streams ~6.7e12 int4
+# weights/s against ~3e13 lane-ops/s), so the group factors are pulled out of the inner sum:
+#   sum_k (q_k - z) s x_k = s * (sum_k q_k x_k - z * sum_k x_k)   per (row, group),
+# leaving mask/shift, convert and one FMA per weight. Groups are laid out as an explicit tile
+# axis when a step spans several whole groups; odd group sizes (per-channel G = K with K not
+# a power of two) fall back to per-element scales.
+
+
+@triton.jit
+def int4_gemv_step(q_base, s_base, z_base, x_row, rows, k0, N, K,
+                   GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    # q_base: uint8 [N, K/2]; s_base, z_base: fp16 [N, K/G]; x_row: [K]; rows: [BN]
+    kh = K // 2
+    ng = K // GROUP
+    row_ok = rows < N
+    if GROUP % BLOCK_K == 0:  # the whole step lies in one group: one (s, z) per row
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2]
+        j_ok = j < kh
+        xe = tl.load(x_row + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+        xo = tl.load(x_row + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+        b = tl.load(q_base + rows[:, None] * kh + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0)
+        p = tl.sum((b & 15).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32) * xo[None, :], axis=1)
+        xs = tl.sum(xe + xo, axis=0)
+        g = k0 // GROUP
+        s = tl.load(s_base + rows * ng + g, mask=row_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_base + rows * ng + g, mask=row_ok, other=0.0).to(tl.float32)
+        return s * (p - z * xs)
+    elif BLOCK_K % GROUP == 0:  # BLOCK_K // GROUP whole groups per step: a [BN, groups, G/2] tile
+        gi = tl.arange(0, BLOCK_K // GROUP)
+        j = k0 // 2 + gi[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]  # [NGS, G/2]
+        j_ok = j < kh
+        xe = tl.load(x_row + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+        xo = tl.load(x_row + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+        b = tl.load(q_base + rows[:, None, None] * kh + j[None, :, :],
+                    mask=row_ok[:, None, None] & j_ok[None, :, :], other=0)
+        p = tl.sum((b & 15).to(tl.float32) * xe[None, :, :] + (b >> 4).to(tl.float32) * xo[None, :, :], axis=2)
+        xs = tl.sum(xe + xo, axis=1)  # [NGS]
+        g = k0 // GROUP + gi
+        sz_mask = row_ok[:, None] & (g < ng)[None, :]
+        s = tl.load(s_base + rows[:, None] * ng + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_base + rows[:, None] * ng + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)
+        return tl.sum(s * (p - z * xs[None, :]), axis=1)
+    else:
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        j_ok = j < kh
+        xe = tl.load(x_row + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+        xo = tl.load(x_row + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+        w_lo, w_hi = dequant_int4_tile(q_base, s_base, z_base, rows[:, None], j[None, :], k0, N, K, GROUP, BLOCK_K)
+        return tl.sum(w_lo * xe[None, :] + w_hi * xo[None, :], axis=1)
+
+
+@triton.jit
+def int8_gemv_step(q_base, s_base, x_row, rows, k0, N, K,
+                   GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    # q_base: int8 [N, K]; s_base: fp16 [N, K/G]; x_row: [K]; rows: [BN]
+    ng = K // GROUP
+    row_ok = rows < N
+    if GROUP % BLOCK_K == 0:
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        xv = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        q = tl.load(q_base + rows[:, None] * K + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
+        p = tl.sum(q.to(tl.float32) * xv[None, :], axis=1)
+        s = tl.load(s_base + rows * ng + k0 // GROUP, mask=row_ok, other=0.0).to(tl.float32)
+        return s * p
+    elif BLOCK_K % GROUP == 0:
+        gi = tl.arange(0, BLOCK_K // GROUP)
+        k = k0 + gi[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [NGS, G]
+        k_ok = k < K
+        xv = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        q = tl.load(q_base + rows[:, None, None] * K + k[None, :, :],
+                    mask=row_ok[:, None, None] & k_ok[None, :, :], other=0)
+        p = tl.sum(q.to(tl.float32) * xv[None, :, :], axis=2)  # [BN, NGS]
+        g = k0 // GROUP + gi
+        s = tl.load(s_base + rows[:, None] * ng + g[None, :], mask=row_ok[:, None] & (g < ng)[None, :],
+                    other=0.0).to(tl.float32)
+        return tl.sum(s * p, axis=1)
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        w = dequant_int8_tile(q_base, s_base, rows[:, None], k[None, :], k0, N, K, GROUP, BLOCK_K)
+        return tl.sum(w * xv[None, :], axis=1)

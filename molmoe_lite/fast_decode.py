@@ -1,0 +1,99 @@
+"""Decode steps with fixed shapes, replayed from a CUDA graph where that is possible.
+
+After the prefill, every decode step of a batch has the same shapes: one token per
+row, a static KV cache of ``max_len`` slots, a key mask over those slots and the slot
+index as a device tensor (``Transformer.decode_static``). On CUDA, with quantised
+experts running the Triton kernels (no host syncs anywhere in the step), the step is
+captured once in a CUDA graph after a warm-up that also compiles the kernels, then
+replayed: one launch instead of hundreds per token. Anywhere else (CPU, dense experts
+whose Python loop syncs with the host, or a capture that fails) the same step runs
+eagerly, with one log line saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("molmoe_lite")
+
+
+def graph_capturable(model) -> str | None:
+    """None when the decode step can be captured in a CUDA graph, else the reason it cannot."""
+    from molmoe_lite.kernels.fused_moe import kernels_available
+    from molmoe_lite.quantized import QuantizedExperts
+
+    if model.device.type != "cuda":
+        return "not on a CUDA device"
+    if not all(isinstance(b.mlp.experts, QuantizedExperts) for b in model.model.transformer.blocks):
+        return "dense experts (their Python loop waits for the GPU); quantise them for graph decode"
+    if not kernels_available(model.device):
+        return "the Triton kernels are unavailable"
+    return None
+
+
+class StaticDecoder:
+    """Runs decode steps of ``model`` into ``cache`` after a prefill of ``cache.length`` tokens.
+
+    ``key_mask`` [B, max_len] marks the real prompt keys; each ``step(tokens)`` writes the
+    next slot and returns logits [B, vocab] (a buffer reused by the next step).
+    """
+
+    def __init__(self, model, cache, key_mask: torch.Tensor, use_graph: bool | None = None):
+        self.model = model
+        self.cache = cache
+        dev = model.device
+        self.mask = torch.zeros(cache.batch, cache.max_len, dtype=torch.bool, device=dev)
+        self.mask[:, : key_mask.shape[1]] = key_mask
+        self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=dev)
+        self.logits: torch.Tensor | None = None
+        reason = graph_capturable(model) if use_graph is not False else "disabled"
+        self.use_graph = reason is None
+        if reason is not None and use_graph is None and dev.type == "cuda":
+            log.info("decode runs without a CUDA graph: %s", reason)
+        self.graph = None
+
+    def _run(self) -> torch.Tensor:
+        """The captured work: mark this slot real, run the step, project to logits."""
+        self.mask.index_fill_(1, self.pos, True)
+        hidden = self.model.model.transformer.decode_static(self.tokens, self.mask, self.cache, self.pos)
+        return self.model.logits(hidden)[:, -1]  # [B, vocab]
+
+    def _capture(self) -> None:
+        log.info("compiling kernels and capturing the decode step in a CUDA graph (first step only)")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            # warm-up on the real inputs: writes the same slot the replay will, so it is harmless
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._run()
+        self.graph = graph
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B] long); logits [B, vocab] for the next one."""
+        if self.cache.length + 1 > self.cache.max_len:
+            raise ValueError(f"KV cache full: {self.cache.length} of {self.cache.max_len} slots used")
+        self.tokens.copy_(tokens.view(-1, 1))
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture()
+            except Exception as exc:  # capture is an optimisation: fall back, say so once
+                log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
+                self.use_graph = False
+                self.graph = None
+                torch.cuda.synchronize()
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.logits
+        else:
+            out = self._run()
+        self.pos += 1
+        self.cache.length += 1
+        return out

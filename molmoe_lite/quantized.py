@@ -1,0 +1,155 @@
+"""Quantised modules of the runtime: expert stacks and plain linears in the v1 format.
+
+``QuantizedExperts`` replaces a layer's float experts: it holds the stacked, fused
+``w13`` (gate+up, [E, 2I, H]) and ``w2`` (down, [E, H, I]) tensors of
+``molmoe_lite.quantize.format`` as buffers, under the same keys the converter writes
+(``...mlp.experts.w13.qweight`` etc.), and is called like the dense experts,
+``experts(h, weights, ids)``. ``QuantizedLinear`` does the same for one matrix
+(attention projections, lm_head). Both run the Triton kernels on CUDA and the
+pure-torch reference elsewhere, which dequantises only the experts that got tokens,
+so a CPU never holds a dense expert stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from molmoe_lite.kernels.fused_moe import moe_experts, quantized_linear
+from molmoe_lite.quantize.format import QuantizedWeight, quantize_weight, resolve_group_size
+
+
+class QuantizedTensor(nn.Module):
+    """Buffers ``qweight``, ``scales`` (and ``zeros`` for int4) of one (stacked) weight [..., N, K]."""
+
+    def __init__(self, shape: tuple[int, ...], bits: int, group_size: int | None, device=None):
+        super().__init__()
+        *lead, n, k = shape
+        g = resolve_group_size(k, bits, group_size)
+        self.shape = tuple(shape)
+        self.bits = bits
+        self.group_size = g
+        if bits == 4:
+            self.register_buffer("qweight", torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("zeros", torch.empty(*lead, n, k // g, dtype=torch.float16, device=device))
+        elif bits == 8:
+            self.register_buffer("qweight", torch.empty(*lead, n, k, dtype=torch.int8, device=device))
+            self.zeros = None
+        else:
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.register_buffer("scales", torch.empty(*lead, n, k // g, dtype=torch.float16, device=device))
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight) -> "QuantizedTensor":
+        with torch.device("meta"):
+            mod = cls(qw.shape, qw.bits, qw.group_size)
+        mod.set_weight(qw)
+        return mod
+
+    def set_weight(self, qw: QuantizedWeight) -> None:
+        """Take the tensors of ``qw`` as this module's buffers (no copy)."""
+        self.qweight, self.scales = qw.qweight, qw.scales
+        if qw.bits == 4:
+            self.zeros = qw.zeros
+
+    def weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, int{self.bits}, group_size={self.group_size}"
+
+
+class QuantizedExperts(nn.Module):
+    """All experts of one MoE layer, quantised; ``forward(h [T,H], weights [T,K], ids [T,K]) -> [T,H]``.
+
+    ``use_kernels``: None runs the Triton kernels on CUDA and the reference elsewhere;
+    True forces the kernels (tests run them on the CPU under TRITON_INTERPRET=1).
+    """
+
+    def __init__(self, n_experts: int, d: int, hidden: int, bits: int, group_size: int | None, device=None):
+        super().__init__()
+        self.w13 = QuantizedTensor((n_experts, 2 * hidden, d), bits, group_size, device)  # gate rows, then up
+        self.w2 = QuantizedTensor((n_experts, d, hidden), bits, group_size, device)
+        self.use_kernels: bool | None = None
+
+    @classmethod
+    def from_weights(cls, w13: QuantizedWeight, w2: QuantizedWeight) -> "QuantizedExperts":
+        e, two_i, d = w13.shape
+        with torch.device("meta"):
+            mod = cls(e, d, two_i // 2, w13.bits, w13.group_size)
+        mod.w13 = QuantizedTensor.from_weight(w13)
+        mod.w2 = QuantizedTensor.from_weight(w2)
+        return mod
+
+    def forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        use = self.use_kernels if self.use_kernels is not None else h.is_cuda
+        return moe_experts(h, weights, ids, self.w13.weight(), self.w2.weight(), use_kernels=use)
+
+
+class QuantizedLinear(QuantizedTensor):
+    """A bias-free linear layer whose weight [N, K] is quantised (keys ``<name>.qweight`` etc.)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, device=None):
+        super().__init__((out_features, in_features), bits, group_size, device)
+        self.in_features, self.out_features = in_features, out_features
+        self.use_kernels: bool | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+        use = self.use_kernels if self.use_kernels is not None else x.is_cuda
+        flat = x.reshape(-1, self.in_features)
+        return quantized_linear(flat, self.weight(), use_kernels=use).view(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None) -> "QuantizedLinear":
+        qw = quantize_weight(linear.weight.detach(), bits=bits, group_size=group_size)
+        with torch.device("meta"):
+            mod = cls(linear.in_features, linear.out_features, bits, qw.group_size)
+        mod.set_weight(qw)
+        return mod
+
+
+class DenseExpertError(RuntimeError):
+    """A dense (float) expert tensor was created where only quantised ones may exist."""
+
+
+@contextlib.contextmanager
+def no_dense_experts(n_experts: int, d: int, hidden: int):
+    """Fail if any op inside the block creates a floating-point tensor shaped like expert weights.
+
+    Shapes watched: one expert's gate/up [I, H], fused gate+up [2I, H], and the stacked
+    [E, 2I, H], [E, I, H], [E, H, I]. One expert's down [H, I] is not watched: the vision
+    projector's w2 has that shape by design; any dense expert path creates gate/up too. Loading a quantised checkpoint must
+    create none of them (they would mean a dense copy, however brief). Violations are
+    collected and raised when the block ends, so code that wraps exceptions (a reader
+    turning any failure into a CheckpointError) cannot hide them. Choose test sizes where
+    no other weight of the model shares these shapes.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    watched = {
+        (hidden, d), (2 * hidden, d),
+        (n_experts, 2 * hidden, d), (n_experts, hidden, d), (n_experts, d, hidden),
+    }
+    seen: list[str] = []
+
+    class _Guard(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.device.type != "meta"  # shapes only, no memory
+                    and t.is_floating_point()
+                    and tuple(t.shape) in watched
+                ):
+                    seen.append(f"{func}: {tuple(t.shape)} {t.dtype}")
+            return out
+
+    try:
+        with _Guard():
+            yield
+    finally:
+        if seen:
+            raise DenseExpertError(f"{len(seen)} dense expert-shaped tensors were created, first: {seen[0]}")
