@@ -4,9 +4,9 @@
 - ``tests-summary``: counts from the CUDA test run's junit XML.
 - ``bandwidth``: device-to-device copy of a 1 GiB buffer, timed with CUDA events; bytes
   counted as read + written, the ceiling every bandwidth fraction is taken against.
-- ``dense-model``: the dense (unquantised) MolmoE at the release's sizes with random
-  weights in bfloat16: time to first token for one 1920x1080 image (processor, ViT,
-  prefill of ~1,200 tokens) and decode tokens/s at batch 1 with the static KV cache.
+
+The end-to-end model benchmark (dense, int8, int4, NF4 at the release's sizes) is
+``bench_e2e.py``; it reads ``bandwidth.json`` written here.
 """
 
 from __future__ import annotations
@@ -83,90 +83,29 @@ def _time_cuda(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def stage_bandwidth(out: Path) -> None:
-    n = 2**30
+def measure_copy(n: int = 2**30, iters: int = 20) -> dict:
+    """Device-to-device copy of ``n`` bytes: ms per copy and GB/s counting read + written bytes."""
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = _time_cuda(lambda: dst.copy_(src), 20)
-    _write(out, "bandwidth", {"device": _device_name(), "bytes": n, "ms": ms, "copy_gbps": 2 * n / ms / 1e6})
+    ms = _time_cuda(lambda: dst.copy_(src), iters)
+    return {"bytes": n, "ms": ms, "copy_gbps": 2 * n / ms / 1e6}
 
 
-@torch.inference_mode()
-def stage_dense_model(out: Path, new_tokens: int = 32) -> None:
-    from molmoe_lite.config import MolmoeConfig
-    from molmoe_lite.demo import demo_image
-    from molmoe_lite.model.molmoe import MolmoE
-    from molmoe_lite.processor import PreprocessorConfig, Processor
-    from molmoe_lite.tiny import full_size_config_dict, write_config
-    from molmoe_lite.tokenizer import write_tiny_tokenizer
-    from molmoe_lite.processor import PreprocessorConfig
-
-    cfg = MolmoeConfig.from_dict(full_size_config_dict())
-    dtype = torch.bfloat16
-    with torch.device("meta"):
-        model = MolmoE(cfg, dtype=dtype)
-    model = model.to_empty(device="cuda").to(dtype)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.normal_(0, p.shape[-1] ** -0.5, generator=gen)
-        else:
-            p.fill_(1.0) if name.endswith("weight") else p.zero_()
-    model.eval()
-    # token ids only need the right layout; a tiny tokenizer gives the same image-token count
-    folder = out / "_tokenizer"
-    write_tiny_tokenizer(folder)
-    PreprocessorConfig().save(folder)
-    proc = Processor.from_pretrained(folder)
-    image = demo_image(1920, 1080)
-
-    def prefill():
-        inputs = proc.process(images=image, text="Describe this image.")
-        batch = {k: v[None].cuda() for k, v in inputs.items()}
-        cache = model.new_cache(1, batch["input_ids"].shape[1] + new_tokens)
-        logits = model(**batch, cache=cache, logits_at="last")
-        return batch, cache, logits
-
-    prefill()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    batch, cache, logits = prefill()
-    tok = logits[:, -1].argmax(-1)
-    torch.cuda.synchronize()
-    ttft = time.perf_counter() - t0
-    mask = batch["input_ids"] != -1
-    t0 = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        tok = model(tok[:, None], attention_mask=mask, cache=cache, logits_at="last")[:, -1].argmax(-1)
-    torch.cuda.synchronize()
-    decode_s = time.perf_counter() - t0
-    _write(
-        out,
-        "dense-model",
-        {
-            "device": _device_name(),
-            "provider": "dense-bf16-python-expert-loop",
-            "prompt_tokens": int(batch["input_ids"].shape[1]),
-            "crops": int(batch["images"].shape[1]),
-            "ttft_s": ttft,
-            "decode_tokens_per_s": (new_tokens - 1) / decode_s,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        },
-    )
+def stage_bandwidth(out: Path) -> None:
+    _write(out, "bandwidth", {"device": _device_name(), **measure_copy()})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["env", "tests-summary", "bandwidth", "dense-model"])
+    ap.add_argument("stage", choices=["env", "tests-summary", "bandwidth"])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    needs_gpu = args.stage in ("bandwidth", "dense-model")
+    needs_gpu = args.stage == "bandwidth"
     if needs_gpu and not torch.cuda.is_available():
         _write(args.out, args.stage, {"device": _device_name(), "skipped": "no CUDA device"})
         return
-    {"env": stage_env, "tests-summary": stage_tests_summary, "bandwidth": stage_bandwidth, "dense-model": stage_dense_model}[args.stage](args.out)
+    {"env": stage_env, "tests-summary": stage_tests_summary, "bandwidth": stage_bandwidth}[args.stage](args.out)
 
 
 if __name__ == "__main__":

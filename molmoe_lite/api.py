@@ -104,17 +104,25 @@ def _quantization(config: MolmoeConfig, folder: Path, quantize: str | None) -> d
             "modules": ["experts"], "on_the_fly": True}
 
 
+PRESETS = ("default", "small")
+
+
 def load(
     path: str | Path,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
+    preset: str = "default",
 ):
     """Load a MolmoE checkpoint folder (or hub id) for inference, processor attached.
 
     ``quantize`` ("int4" or "int8") quantises a float release's experts while loading,
     layer by layer; a folder written by ``molmoe-lite quantize`` loads quantised as is.
+    ``preset="small"`` also makes every decoder linear int4 (attention, lm_head) and keeps
+    the token embeddings in CPU memory: the smallest GPU footprint.
     """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     from molmoe_lite.model.molmoe import MolmoE
     from molmoe_lite.processor import Processor
 
@@ -130,7 +138,10 @@ def load(
     # the model chose each tensor's dtype (fp32 norms in a float16 model, uint8 codes, fp16 scales)
     wanted = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
-    with open_checkpoint(folder) as reader:
+    # When every tensor is copied on its way in (to a GPU or another dtype), map a .bin shared:
+    # a private mapping of the 29 GB release is refused on machines with less RAM + swap.
+    copies = device.type != "cpu" or dtype != torch.float32
+    with open_checkpoint(folder, shared_mmap=copies) as reader:
         if quant is not None and quant["on_the_fly"]:
             validate(reader, expected_shapes(config.raw))  # a float release, checked whole
             _quantize_experts_while_loading(reader, config, quant, device, state)
@@ -141,6 +152,8 @@ def load(
                 # one tensor at a time: each is converted before the next is read
                 state[key] = reader.get(key).to(device=device, dtype=wanted[key][1])
         model.load_state_dict(state, assign=True, strict=True)
+    if preset == "small":
+        apply_small_preset(model)
     model.eval()
     model.processor = Processor.from_pretrained(folder)
     return model
@@ -156,3 +169,30 @@ def _quantize_experts_while_loading(reader, config: MolmoeConfig, quant: dict, d
         for name, qw in (("w13", w13), ("w2", w2)):
             for key, t in quantized_to_tensors(f"{prefix}.{name}", qw).items():
                 state[key] = t.to(device)
+
+
+def apply_small_preset(model, group_size: int = 64) -> list[str]:
+    """int4 for every decoder linear still in float, token embeddings moved to CPU memory.
+
+    Returns the names of the changed modules. The embedding lookup then runs on the CPU
+    and only the looked-up rows travel to the GPU (``Transformer.embed``).
+    """
+    from torch import nn
+
+    from molmoe_lite.quantized import QuantizedLinear
+
+    changed = []
+    for i, block in enumerate(model.model.transformer.blocks):
+        for name in ("att_proj", "attn_out"):
+            old = getattr(block.attn, name)
+            if isinstance(old, nn.Linear):
+                setattr(block.attn, name, QuantizedLinear.from_linear(old, bits=4, group_size=group_size))
+                changed.append(f"model.transformer.blocks.{i}.attn.{name}")
+    if isinstance(model.lm_head, nn.Linear):
+        model.lm_head = QuantizedLinear.from_linear(model.lm_head, bits=4, group_size=group_size)
+        changed.append("lm_head")
+    model.model.transformer.wte.to("cpu")
+    changed.append("model.transformer.wte (to CPU)")
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return changed

@@ -11,6 +11,7 @@ checkpoints, bad configs) print one line naming the problem and exit with status
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", metavar="PROMPT", help="the question or instruction")
     run.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeat for several; none = text only)")
     run.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
+    run.add_argument("--preset", choices=["default", "small"], default="default", help="small: int4 attention and lm_head too, embeddings in CPU memory (least GPU memory)")
+    run.add_argument("--max-context", type=int, default=None, metavar="N", help="KV-cache slots (default: prompt + new tokens)")
     run.add_argument("--stats", action="store_true", help="print time to first token, decode tokens/s and peak memory")
     run.add_argument("--points", metavar="OUT.png", default=None, help="draw the points of a pointing answer onto the (first) image")
     _add_generation_args(run, 200)
@@ -132,6 +135,7 @@ def _stream(model, images, args) -> str:
         seed=args.seed,
         stream=True,
         transparent=args.transparent,
+        max_context=getattr(args, "max_context", None),
     ):
         pieces.append(piece)
         sys.stdout.write(piece)
@@ -162,7 +166,7 @@ def _print_stats(model) -> None:
 def cmd_run(args) -> int:
     from molmoe_lite.api import load
 
-    model = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    model = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, preset=args.preset)
     images = args.image or None
     text = _stream(model, images, args)
     if args.stats:
@@ -254,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     func: Callable = args.func
+    # one-line notices (kernel compilation, graph capture, fallbacks) go to stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[molmoe-lite] %(message)s"))
+    logger = logging.getLogger("molmoe_lite")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return func(args)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Decode steps with fixed shapes, replayed from a CUDA graph where that is possible.
 
-After the prefill, every decode step of a batch has the same shapes: one token per
-row, a static KV cache of ``max_len`` slots, a key mask over those slots and the slot
+After the prefill, every decode step of a batch has the same shapes: one token
+embedding per row, a static KV cache of ``max_len`` slots, a key mask over those slots and the slot
 index as a device tensor (``Transformer.decode_static``). On CUDA, with quantised
 experts running the Triton kernels (no host syncs anywhere in the step), the step is
 captured once in a CUDA graph after a warm-up that also compiles the kernels, then
@@ -47,7 +47,8 @@ class StaticDecoder:
         self.mask = torch.zeros(cache.batch, cache.max_len, dtype=torch.bool, device=dev)
         self.mask[:, : key_mask.shape[1]] = key_mask
         self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
-        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=dev)
+        d = model.config.d_model
+        self.embeds = torch.zeros(cache.batch, 1, d, dtype=model.compute_dtype, device=dev)
         self.logits: torch.Tensor | None = None
         reason = graph_capturable(model) if use_graph is not False else "disabled"
         self.use_graph = reason is None
@@ -58,7 +59,7 @@ class StaticDecoder:
     def _run(self) -> torch.Tensor:
         """The captured work: mark this slot real, run the step, project to logits."""
         self.mask.index_fill_(1, self.pos, True)
-        hidden = self.model.model.transformer.decode_static(self.tokens, self.mask, self.cache, self.pos)
+        hidden = self.model.model.transformer.decode_static(self.embeds, self.mask, self.cache, self.pos)
         return self.model.logits(hidden)[:, -1]  # [B, vocab]
 
     def _capture(self) -> None:
@@ -80,7 +81,8 @@ class StaticDecoder:
         """Feed one token per row ([B] long); logits [B, vocab] for the next one."""
         if self.cache.length + 1 > self.cache.max_len:
             raise ValueError(f"KV cache full: {self.cache.length} of {self.cache.max_len} slots used")
-        self.tokens.copy_(tokens.view(-1, 1))
+        # the embedding lookup stays outside the graph: its table may live on the CPU (`small`)
+        self.embeds.copy_(self.model.model.transformer.embed(tokens.view(-1, 1)))
         if self.use_graph and self.graph is None:
             try:
                 self._capture()

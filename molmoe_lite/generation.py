@@ -25,6 +25,10 @@ import torch
 from molmoe_lite.fast_decode import StaticDecoder
 
 
+class GPUMemoryError(MemoryError):
+    """Generation ran out of GPU memory; the message names what would fit."""
+
+
 @dataclass
 class GenerationStats:
     """Timings of the last generation call (``model.last_stats``)."""
@@ -54,6 +58,7 @@ class SamplingSettings:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     seed: int | None = None
+    max_context: int | None = None  # KV-cache slots; None = prompt + max_new_tokens
 
     @classmethod
     def merge(cls, generation_config: Any = None, **overrides: Any) -> "SamplingSettings":
@@ -151,6 +156,12 @@ class GenerationMixin:
                 f"together more than the model's context of {max_ctx} tokens "
                 "(use a shorter prompt, a smaller image, or fewer new tokens)"
             )
+        needed = length + settings.max_new_tokens
+        if settings.max_context is not None and needed > settings.max_context:
+            raise ValueError(
+                f"the prompt is {length} tokens and max_new_tokens is {settings.max_new_tokens}: "
+                f"{needed} tokens do not fit max_context={settings.max_context}"
+            )
         if settings.max_new_tokens == 0:
             return
         tok = tokenizer or getattr(self.processor, "tokenizer", None)
@@ -170,16 +181,28 @@ class GenerationMixin:
         start = time.perf_counter()
         stats = GenerationStats(prompt_tokens=length, batch=bsz)
         self.last_stats = stats
-        cache = self.new_cache(bsz, length + settings.max_new_tokens)
-        logits = self(
-            ids,
-            images=batch.get("images"),
-            image_input_idx=batch.get("image_input_idx"),
-            image_masks=batch.get("image_masks"),
-            attention_mask=mask,
-            cache=cache,
-            logits_at="last",
-        )[:, -1]
+        try:
+            cache = self.new_cache(bsz, settings.max_context or needed)
+            logits = self(
+                ids,
+                images=batch.get("images"),
+                image_input_idx=batch.get("image_input_idx"),
+                image_masks=batch.get("image_masks"),
+                attention_mask=mask,
+                cache=cache,
+                logits_at="last",
+            )[:, -1]
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GPUMemoryError(
+                f"out of GPU memory for a {length}-token prompt with {settings.max_new_tokens} new tokens "
+                f"(batch {bsz}). Try the `small` preset (load(..., preset='small'), `--preset small`), "
+                "fewer new tokens or a smaller image, or a smaller --max-context"
+            ) from exc
+        if self.compute_dtype == torch.float16 and not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(
+                "float16 overflowed (non-finite logits after the prompt); load with dtype='bfloat16' "
+                "if the GPU has it, else dtype='float32'"
+            )
         decoder = StaticDecoder(self, cache, mask)
         finished = [False] * bsz
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)  # finished, on the device
@@ -225,6 +248,7 @@ class GenerationMixin:
         top_p: float | None = None,
         stop_strings: Any = None,
         seed: int | None = None,
+        max_context: int | None = None,
         **_ignored: Any,
     ) -> torch.Tensor:
         """Prompt + new ids, [B, L + n] (n the longest row's new tokens; shorter rows padded).
@@ -240,6 +264,7 @@ class GenerationMixin:
             top_p=top_p,
             stop_strings=stop_strings,
             seed=seed,
+            max_context=max_context,
         )
         ids = batch["input_ids"]
         prompt = ids[None] if ids.dim() == 1 else ids
@@ -259,6 +284,7 @@ class GenerationMixin:
         stream: bool = False,
         seed: int | None = None,
         transparent: str = "composite",
+        max_context: int | None = None,
     ) -> str | Iterator[str]:
         """The answer to ``prompt`` about ``images`` (one image, a list, or None for text only).
 
@@ -268,7 +294,8 @@ class GenerationMixin:
             raise ValueError("this model has no processor attached; load it with molmoe_lite.load()")
         inputs = self.processor.process(images=images, text=prompt, transparent=transparent)
         settings = SamplingSettings.merge(
-            None, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+            None, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            max_context=max_context,
         )
         pieces = self._stream_text(inputs, settings)
         return pieces if stream else "".join(pieces)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from molmoe_lite.config import read_json_object
 from molmoe_lite.images import load_image
 from molmoe_lite.tokenizer import IM_COL, IM_END, IM_PATCH, IM_START, load_tokenizer
 
@@ -165,13 +166,7 @@ class PreprocessorConfig:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProcessorConfigError(f"{path}: cannot read json: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ProcessorConfigError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, ProcessorConfigError)
 
 
 # ---- geometry ------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
+from molmoe_lite.config import read_json_object
+
 # The tokens the processor lays out around image features (strings, never ids: the
 # release's added_tokens.json lists stale ids for them).
 IM_START, IM_END, IM_PATCH, IM_COL, IMAGE_PROMPT = "<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>"
@@ -82,15 +84,8 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path}: cannot read json: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
+    """The file's JSON object, or {} when the (optional) file is absent."""
+    return read_json_object(path, TokenizerError) if path.is_file() else {}
 
 
 def _token_str(value: Any) -> str | None:

@@ -424,8 +424,9 @@ def convert(
 
     ``bits`` 4 (asymmetric, group-wise) or 8 (symmetric). ``group_size``: int4 groups
     (32/64/128, None = 64; capped at a matrix's input size); int8: None = per output
-    channel (the default), an int = group-wise. ``include``: "experts" (required) plus optionally "attention"
-    (att_proj, attn_out) and "lm_head", as a list or a comma-separated string. Other
+    channel (the default), an int = group-wise. ``include``: "experts" (required) plus
+    optionally "attention" (att_proj, attn_out) and "lm_head", as a list or a
+    comma-separated string. Other
     tensors are cast to ``dtype`` (bfloat16/float16/float32). ``device`` "cuda" runs
     the rounding on the GPU. ``force`` replaces a non-empty ``dst``. Raises
     ``ConvertError`` / ``CheckpointError`` (bad source), ``OutputError`` (bad destination),

@@ -298,7 +298,9 @@ class Transformer(nn.Module):
                     f"input_ids contain {lo if lo < -1 else hi}, outside the embedding's ids "
                     f"-1..{self.wte.total - 1} (-1 is padding)"
                 )
-        return self.wte(input_ids.long())
+        table = self.wte.embedding.device
+        out = self.wte(input_ids.long().to(table))
+        return out.to(self.ln_f.weight.device)  # no-op unless the table lives elsewhere
 
     def new_cache(self, batch: int, max_len: int | None = None, device=None) -> KVCache:
         """An empty KV cache sized for this model (max_len defaults to max_sequence_length)."""
@@ -355,7 +357,7 @@ class Transformer(nn.Module):
 
     def decode_static(
         self,
-        input_ids: torch.Tensor,  # [B, 1] long, real tokens (no padding)
+        inputs_embeds: torch.Tensor,  # [B, 1, d] this step's token embeddings
         key_mask: torch.Tensor,  # [B, max_len] bool, True = real key, this step's slot included
         cache: KVCache,
         cache_pos: torch.Tensor,  # [1] long, the slot this token's k/v go to
@@ -371,7 +373,7 @@ class Transformer(nn.Module):
         # slots after cache_pos are never set in key_mask, so the key mask alone is causal here
         bias = torch.zeros(key_mask.shape, dtype=self.compute_dtype, device=key_mask.device)
         bias = bias.masked_fill_(~key_mask, torch.finfo(self.compute_dtype).min)[:, None, None]  # [B,1,1,S]
-        x = self.wte(input_ids).to(self.residual_dtype)
+        x = inputs_embeds.to(self.residual_dtype)
         for block in self.blocks:
             x = block(x, cos, sin, bias, cache, cache_pos)
         return self.ln_f(x).to(self.compute_dtype)

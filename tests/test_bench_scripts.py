@@ -1,0 +1,192 @@
+"""CPU smoke tests of the GPU benchmark scripts in benchmarks/ (not installed with the package).
+
+bench_e2e.py: a clean skip record without CUDA, its whole logic on the tiny config with
+``--smoke``, and the bandwidth floor's byte count against a count written out from the
+config; plot_results.py: PNGs from synthetic records when matplotlib is importable, a
+clear message when it is not; gpu_check.py: the env stage writes env.json.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _run(args, cwd=ROOT, timeout=120, **kw):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# bench_e2e.py
+# ---------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the skip path is for machines without CUDA")
+def test_bench_e2e_without_cuda_prints_a_skip_record(tmp_path):
+    res = _run([BENCH / "bench_e2e.py", "--out", tmp_path])
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "no CUDA" in printed["skipped"]
+    assert _records(tmp_path / "e2e.jsonl") == [printed]
+
+
+def test_bench_e2e_help_names_every_provider():
+    res = _run([BENCH / "bench_e2e.py", "--help"])
+    assert res.returncode == 0, res.stderr
+    for provider in ("release_bf16_loop", "ours_bf16", "int8", "int4", "int4_small", "nf4_dense"):
+        assert provider in res.stdout
+
+
+def test_bench_e2e_rejects_an_unknown_provider(tmp_path):
+    res = _run([BENCH / "bench_e2e.py", "--out", tmp_path, "--providers", "int4,int3"])
+    assert res.returncode == 2
+    assert "int3" in res.stderr
+
+
+def test_bench_e2e_smoke_records_every_provider_and_batch(tmp_path):
+    """The full measuring logic on the tiny config on the CPU (numbers themselves meaningless)."""
+    res = _run([BENCH / "bench_e2e.py", "--smoke", "--out", tmp_path, "--steps", "2", "--warmup-steps", "1",
+                "--ttft-repeats", "1", "--batches", "1,2"], timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = _records(tmp_path / "e2e.jsonl")
+    by_key = {(r["provider"], r["batch"]): r for r in recs if "batch" in r}
+    bnb = True
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        bnb = False
+    expected = ["release_bf16_loop", "ours_bf16", "int8", "int4", "int4_small"] + (["nf4_dense"] if bnb else [])
+    errors = [r for r in recs if r.get("error")]
+    assert not errors, errors
+    for provider in expected:
+        for batch in (1, 2):
+            r = by_key[(provider, batch)]
+            assert r["decode_tokens_per_s"] > 0 and r["us"] > 0 and r["ttft_s"] > 0
+            # tokens/s counts every row: batch * steps / (steps * us)
+            assert r["decode_tokens_per_s"] == pytest.approx(batch / (r["us"] * 1e-6), rel=1e-6)
+            assert r["bytes_per_step"] == r["weight_bytes_per_step"] + r["kv_bytes_per_step"]
+            assert r["prompt_tokens"] > 1000  # one 1920x1080 image: ~1,200 tokens
+    # fewer bits, fewer weight bytes per step (same model, same batch)
+    w = {p: by_key[(p, 1)]["weight_bytes_per_step"] for p in expected}
+    assert w["int4"] < w["int8"] < w["ours_bf16"] == w["release_bf16_loop"]
+    assert w["int4_small"] < w["int4"]
+    assert by_key[("int4", 1)]["decode_path"].startswith("static")
+    assert by_key[("release_bf16_loop", 1)]["decode_path"] == "release-style eager loop"
+
+
+@pytest.mark.parametrize("batch", [1, 4, 64], ids=["batch1", "batch4", "batch64_all_experts"])
+def test_decode_weight_bytes_counts_attention_router_topk_experts_and_lm_head(monkeypatch, batch):
+    """The floor's weight bytes, against the same count written out from the config (full size, meta)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _synthetic import decode_weight_bytes, kv_bytes_per_token, make_config
+
+    from molmoe_lite.model.molmoe import MolmoE
+
+    cfg = make_config("full")
+    with torch.device("meta"):
+        model = MolmoE(cfg, dtype=torch.bfloat16)
+    d, n_layers, n_exp, k, hid = cfg.d_model, cfg.n_layers, cfg.moe_num_experts, cfg.moe_top_k, cfg.expert_hidden
+    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    used = min(n_exp, k * batch)
+    q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_layer = d * qkv + q_width * d + d + q_width + kv_width  # att_proj, attn_out, attn/q/k norms
+    per_layer += d + n_exp * d + used * 3 * d * hid  # ff_norm, router, experts
+    elems = n_layers * per_layer + d + cfg.embedding_size * d + batch * d  # ln_f, lm_head, embedding rows
+    got, n_used = decode_weight_bytes(model, batch)
+    assert n_used == used
+    assert got == 2 * elems
+    assert kv_bytes_per_token(model) == 2 * n_layers * cfg.n_kv_heads * cfg.head_dim * 2
+
+
+# ---------------------------------------------------------------------------------------
+# plot_results.py
+# ---------------------------------------------------------------------------------------
+def _write_synthetic_results(folder: Path) -> None:
+    with open(folder / "moe_bench.jsonl", "w") as f:
+        for i, provider in enumerate(["int4", "int8", "bf16_loop"]):
+            for t in [1, 2, 4, 64, 1024]:
+                us = (i + 1) * 50.0 * (1 + t / 64)
+                f.write(json.dumps({"provider": provider, "bits": 4, "T": t, "us": us, "gbps": 1e3,
+                                    "bw_fraction": 0.5 / (i + 1), "device": "synthetic"}) + "\n")
+        f.write(json.dumps({"provider": "nf4_loop", "T": 1, "skipped": "no bitsandbytes"}) + "\n")
+    with open(folder / "e2e.jsonl", "w") as f:
+        for i, provider in enumerate(["ours_bf16", "int4", "nf4_dense"]):
+            for batch in (1, 4):
+                f.write(json.dumps({"provider": provider, "batch": batch, "decode_tokens_per_s": 100.0 * (i + 1) * batch,
+                                    "floor_fraction": 0.1 * (i + 1), "device": "synthetic"}) + "\n")
+        f.write(json.dumps({"provider": "int4", "batch": 1, "memory_check": True, "fits": True}) + "\n")
+        f.write(json.dumps({"provider": "int8", "error": "RuntimeError: boom"}) + "\n")
+        f.write("not json\n")
+
+
+def test_plot_results_writes_pngs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(BENCH))
+    import plot_results
+
+    _write_synthetic_results(tmp_path)
+    assert plot_results.main([str(tmp_path)]) == 0
+    for name in ("moe_time.png", "moe_bw_fraction.png", "e2e_decode.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+
+
+def test_plot_results_keeps_the_last_usable_record_per_key(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import plot_results
+
+    recs = [{"provider": "a", "T": 1, "us": 1.0}, {"provider": "a", "T": 1, "us": 2.0},
+            {"provider": "a", "T": 1, "us": 3.0, "skipped": "x"}, {"provider": "a", "T": 1, "us": None},
+            {"provider": "b", "T": 1, "error": "e", "us": 9.0}]
+    latest = plot_results._latest(recs, ("provider", "T"), "T", "us")
+    assert latest == {("a", 1): {"provider": "a", "T": 1, "us": 2.0}}
+
+
+def test_plot_results_without_matplotlib_says_so(tmp_path):
+    """matplotlib is not a dependency: its absence is a clear message and status 1."""
+    _write_synthetic_results(tmp_path)
+    code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
+            f"sys.argv = ['plot_results.py', {str(tmp_path)!r}]; "
+            f"runpy.run_path({str(BENCH / 'plot_results.py')!r}, run_name='__main__')")
+    res = _run(["-c", code])
+    assert res.returncode == 1
+    assert "matplotlib is not installed" in res.stderr and "not a molmoe-lite dependency" in res.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------
+# gpu_check.py
+# ---------------------------------------------------------------------------------------
+def test_gpu_check_env_stage_writes_env_json(tmp_path):
+    res = _run([BENCH / "gpu_check.py", "env", "--out", tmp_path], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert res.returncode == 0, res.stderr
+    rec = json.loads((tmp_path / "env.json").read_text())
+    assert rec["stage"] == "env" and rec["torch"] == torch.__version__ and rec["device"]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == rec
+
+
+def test_gpu_check_sh_timeouts_fit_the_budget():
+    """Every python stage of gpu_check.sh has a timeout and they sum to at most 7.5 minutes."""
+    import re
+
+    lines = [ln for ln in (BENCH / "gpu_check.sh").read_text().splitlines()
+             if "python3" in ln and not ln.lstrip().startswith("#") and "pip install" not in ln
+             and 'import molmoe_lite"' not in ln]
+    timeouts = []
+    for ln in lines:
+        m = re.search(r"timeout (\d+) ", ln)
+        assert m, f"no timeout on: {ln}"
+        if "kernels.aot" not in ln:  # runs in the background, overlapping the CUDA tests
+            timeouts.append(int(m.group(1)))
+    assert sum(timeouts) <= 450, timeouts
+    assert "dense-model" not in (BENCH / "gpu_check.sh").read_text()
