@@ -155,7 +155,11 @@ def _print_stats(model) -> None:
     )
     if model.device.type == "cuda":
         peak = torch.cuda.max_memory_reserved(model.device) / 2**30
-        line += f", peak GPU memory reserved {peak:.2f} GiB (plus the CUDA context)"
+        free, total = torch.cuda.mem_get_info(model.device)
+        # what the device has in use now minus what our allocator holds = the CUDA context
+        # (and any other process on the card)
+        context = max(0.0, (total - free) / 2**30 - torch.cuda.memory_reserved(model.device) / 2**30)
+        line += f", peak GPU memory {peak + context:.2f} GiB ({peak:.2f} reserved by torch + {context:.2f} context)"
     else:
         import resource
 

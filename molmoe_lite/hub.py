@@ -28,7 +28,7 @@ def resolve_model(path_or_id: str | Path) -> Path:
     if path.exists():
         raise ModelNotFoundError(f"{path}: is a file; pass the folder that holds config.json and the weights")
     text = str(path_or_id)
-    if not _HUB_ID.match(text):
+    if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):  # a path, not owner/name
         raise ModelNotFoundError(f"{text}: no such folder (and not a hub id of the form owner/name)")
     return _download(text)
 
