@@ -315,7 +315,8 @@ def run_provider(provider: str, model, proc, image, args, rec: Recorder, gbps_co
     info = prepare(provider, model, args)
     _free()
     info["prepare_s"] = round(time.perf_counter() - t0, 3)
-    info["weights_gib"] = gpu_bytes(model) / GIB if _cuda() else None
+    on_gpu = _cuda() and not args.smoke
+    info["weights_gib"] = gpu_bytes(model) / GIB if on_gpu else None
     _reset_peak()
     new_tokens = args.warmup_steps + args.steps
     ttft, batch, cache1 = measure_ttft(model, proc, image, new_tokens, args.ttft_repeats)
@@ -325,7 +326,7 @@ def run_provider(provider: str, model, proc, image, args, rec: Recorder, gbps_co
         dec = measure_decode(model, batch, cache1, rows, provider in STATIC_DECODE, args.steps,
                              args.warmup_steps, args.seed)
         r = decode_record(provider, model, rows, dec, args.steps, gbps_copy)
-        rec.emit({**r, "peak_gib": _peak_gib(), **common, "date": time.strftime("%Y-%m-%d")})
+        rec.emit({**r, "peak_gib": _peak_gib() if on_gpu else None, **common, "date": time.strftime("%Y-%m-%d")})
 
 
 @torch.inference_mode()
@@ -348,6 +349,9 @@ def memory_check(provider: str, cfg, proc, image, dtype, rec: Recorder) -> None:
     cpu_modules = ("model.transformer.wte",) if small and hasattr(api, "apply_small_preset") else ()
     r["quantized_modules"] = list(modules)
     r["cpu_modules"] = list(cpu_modules)
+    if limit <= 0:
+        rec.emit({**r, "fits": False, "error": "the CUDA context alone exceeds the budget"})
+        return
     model = batch = cache = decoder = None
     fits, error = False, None
     torch.cuda.set_per_process_memory_fraction(max(limit, 0) / total)
@@ -357,7 +361,7 @@ def memory_check(provider: str, cfg, proc, image, dtype, rec: Recorder) -> None:
         r["weights_gib"] = gpu_bytes(model) / GIB
         ttft, batch, cache = prefill(model, proc, image, MEMORY_CHECK_NEW_TOKENS)
         decoder = StaticDecoder(model, cache, batch["input_ids"] != -1)
-        tok = torch.zeros(1, dtype=torch.long, device="cuda")
+        tok = torch.zeros(1, dtype=torch.long, device=model.device)
         for _ in range(8):  # the first step captures the graph
             decoder.step(tok)
         torch.cuda.synchronize()

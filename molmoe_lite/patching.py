@@ -47,7 +47,8 @@ from torch import nn
 
 from molmoe_lite.kernels.fused_moe import moe_experts
 from molmoe_lite.model.decoder import DenseExperts
-from molmoe_lite.quantize.format import QuantizedWeight, quantize_weight
+from molmoe_lite.quantize.format import QuantFormatError, QuantizedWeight, quantize_weight
+from molmoe_lite.quantize.format import quantize_expert_stack as _quantize_expert_stack
 from molmoe_lite.quantized import QuantizedExperts
 
 EXPERTS_IMPLEMENTATION = "molmoe_lite"
@@ -66,62 +67,12 @@ class PatchError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Quantising expert stacks
 # ---------------------------------------------------------------------------------------
-def _alloc_stack(n_experts: int, rows: int, first: QuantizedWeight) -> QuantizedWeight:
-    """Empty stacked codes [E, rows, ...] shaped like ``first`` (one expert's [N, K] weight)."""
-
-    def empty(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(n_experts, rows, *t.shape[1:], dtype=t.dtype, device=t.device)
-
-    zeros = None if first.zeros is None else empty(first.zeros)
-    shape = (n_experts, rows, first.shape[-1])
-    return QuantizedWeight(empty(first.qweight), empty(first.scales), zeros, first.bits, first.group_size, shape)
-
-
-def _put(stack: QuantizedWeight, e: int, row: int, qw: QuantizedWeight) -> None:
-    """Copy one expert's codes into rows [row, row + N) of expert ``e`` of ``stack``."""
-    end = row + qw.shape[0]
-    stack.qweight[e, row:end] = qw.qweight
-    stack.scales[e, row:end] = qw.scales
-    if qw.zeros is not None:
-        stack.zeros[e, row:end] = qw.zeros
-
-
-def quantize_expert_stack(
-    n_experts: int,
-    get_expert: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    bits: int = 4,
-    group_size: int | None = 64,
-    method: str = "refit",
-    name: str = "experts",
-) -> tuple[QuantizedWeight, QuantizedWeight]:
-    """(w13 [E, 2I, H], w2 [E, H, I]) from ``get_expert(e) -> (gate [I, H], up [I, H], down [H, I])``.
-
-    Experts are read and quantised one at a time into preallocated stacks; gate and up are
-    quantised separately (groups run along H, so this equals quantising cat(gate, up)).
-    """
-    w13 = w2 = None
-    for e in range(n_experts):
-        gate, up, down = get_expert(e)
-        i_, h = gate.shape
-        if tuple(up.shape) != (i_, h) or tuple(down.shape) != (h, i_):
-            raise PatchError(
-                f"{name}.{e}: expert shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
-                f"down {tuple(down.shape)} are not [I, H], [I, H], [H, I]"
-            )
-        qg = quantize_weight(gate, bits, group_size, method, name=f"{name}.{e}.gate_proj")
-        qu = quantize_weight(up, bits, group_size, method, name=f"{name}.{e}.up_proj")
-        qd = quantize_weight(down, bits, group_size, method, name=f"{name}.{e}.down_proj")
-        if w13 is None:
-            w13 = _alloc_stack(n_experts, 2 * i_, qg)
-            w2 = _alloc_stack(n_experts, h, qd)
-        elif w13.shape[1:] != (2 * i_, h):
-            raise PatchError(f"{name}.{e}: expert shape [{i_}, {h}] differs from expert 0's {w13.shape[1:]}")
-        _put(w13, e, 0, qg)
-        _put(w13, e, i_, qu)
-        _put(w2, e, 0, qd)
-    if w13 is None:
-        raise PatchError(f"{name}: no experts")
-    return w13, w2
+def quantize_expert_stack(n_experts, get_expert, bits=4, group_size=None, method="refit", name="experts"):
+    """``format.quantize_expert_stack`` with its errors as PatchError."""
+    try:
+        return _quantize_expert_stack(n_experts, get_expert, bits, group_size, method, name)
+    except QuantFormatError as exc:
+        raise PatchError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------

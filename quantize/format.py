@@ -479,6 +479,69 @@ def stack_layer_experts(
     return w13, w2
 
 
+def _empty_stack(n_experts: int, rows: int, first: QuantizedWeight) -> QuantizedWeight:
+    """Uninitialised stacked codes [E, rows, K] laid out like ``first`` (one expert's [N, K])."""
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(n_experts, rows, *t.shape[1:], dtype=t.dtype, device=t.device)
+
+    zeros = None if first.zeros is None else empty(first.zeros)
+    shape = (n_experts, rows, first.shape[-1])
+    return QuantizedWeight(empty(first.qweight), empty(first.scales), zeros, first.bits, first.group_size, shape)
+
+
+def _put_rows(stack: QuantizedWeight, e: int, row: int, qw: QuantizedWeight) -> None:
+    """Copy one expert's codes into rows [row, row + N) of expert ``e`` of ``stack``."""
+    end = row + qw.shape[0]
+    stack.qweight[e, row:end] = qw.qweight
+    stack.scales[e, row:end] = qw.scales
+    if qw.zeros is not None:
+        stack.zeros[e, row:end] = qw.zeros
+
+
+def quantize_expert_stack(
+    n_experts: int,
+    get_expert: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    bits: int = 4,
+    group_size: int | None = None,
+    method: str = "refit",
+    name: Callable[[int, str], str] | str = "experts",
+) -> tuple[QuantizedWeight, QuantizedWeight]:
+    """(w13 [E, 2I, H], w2 [E, H, I]) from ``get_expert(e) -> (gate [I, H], up [I, H], down [H, I])``.
+
+    Experts are read and quantised one at a time into preallocated stacks, so peak memory
+    is one expert's floats plus the codes. Gate and up are quantised separately (groups
+    run along H, so this equals quantising cat(gate, up)). ``name`` (a prefix, or
+    ``(e, proj) -> key``) names tensors in errors.
+    """
+    key = name if callable(name) else (lambda e, proj: f"{name}.{e}.{proj}")
+    w13 = w2 = None
+    for e in range(n_experts):
+        gate, up, down = get_expert(e)
+        i_, h = gate.shape[-2:]
+        if tuple(up.shape) != (i_, h) or tuple(down.shape) != (h, i_):
+            raise QuantFormatError(
+                f"{key(e, 'gate_proj')}: expert shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
+                f"down {tuple(down.shape)} are not [I, H], [I, H], [H, I]"
+            )
+        qg = quantize_weight(gate, bits, group_size, method, name=key(e, "gate_proj"))
+        qu = quantize_weight(up, bits, group_size, method, name=key(e, "up_proj"))
+        qd = quantize_weight(down, bits, group_size, method, name=key(e, "down_proj"))
+        if w13 is None:
+            w13 = _empty_stack(n_experts, 2 * i_, qg)
+            w2 = _empty_stack(n_experts, h, qd)
+        elif w13.shape[1:] != (2 * i_, h):
+            raise QuantFormatError(
+                f"{key(e, 'gate_proj')}: expert shapes differ ([{i_}, {h}] vs expert 0's {w13.shape[1:]})"
+            )
+        _put_rows(w13, e, 0, qg)
+        _put_rows(w13, e, i_, qu)
+        _put_rows(w2, e, 0, qd)
+    if w13 is None:
+        raise QuantFormatError(f"{key(0, '')}: n_experts must be positive, got {n_experts}")
+    return w13, w2
+
+
 def quantize_layer_experts(
     get_tensor: Callable[[str], torch.Tensor],
     layer: int,
@@ -487,53 +550,16 @@ def quantize_layer_experts(
     group_size: int | None = None,
     method: str = "refit",
 ) -> tuple[QuantizedWeight, QuantizedWeight]:
-    """Quantised (w13, w2) stacks of one layer, one expert at a time.
+    """Quantised (w13, w2) stacks of one layer of a release checkpoint, one expert at a time.
 
     Equal to quantising ``stack_layer_experts``'s outputs (rounding is per group), but the
-    float stack is never built, so peak memory is one expert's floats plus the codes.
+    float stack is never built.
     """
-    qs13, qs2 = [], []
-    for e in range(n_experts):
-        gate = get_tensor(expert_key(layer, e, "gate_proj"))
-        up = get_tensor(expert_key(layer, e, "up_proj"))
-        down = get_tensor(expert_key(layer, e, "down_proj"))
-        # Gate and up rows are quantised separately: groups never straddle rows.
-        qg = quantize_weight(gate, bits, group_size, method, name=expert_key(layer, e, "gate_proj"))
-        qu = quantize_weight(up, bits, group_size, method, name=expert_key(layer, e, "up_proj"))
-        qs13.append((qg, qu))
-        qs2.append(quantize_weight(down, bits, group_size, method, name=expert_key(layer, e, "down_proj")))
-    if not qs13:
-        raise QuantFormatError(f"layer {layer}: n_experts must be positive, got {n_experts}")
-
-    def stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
-        first = parts[0]
-        for p in parts:
-            if p.shape != first.shape:
-                raise QuantFormatError(
-                    f"layer {layer}: expert shapes differ ({p.shape} vs {first.shape})"
-                )
-        return QuantizedWeight(
-            torch.stack([p.qweight for p in parts]),
-            torch.stack([p.scales for p in parts]),
-            None if first.zeros is None else torch.stack([p.zeros for p in parts]),
-            first.bits,
-            first.group_size,
-            (len(parts),) + first.shape,
-        )
-
-    def cat_rows(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
-        return QuantizedWeight(
-            torch.cat((a.qweight, b.qweight)),
-            torch.cat((a.scales, b.scales)),
-            None if a.zeros is None else torch.cat((a.zeros, b.zeros)),
-            a.bits,
-            a.group_size,
-            (a.shape[0] + b.shape[0],) + a.shape[1:],
-        )
-
-    for e, (qg, qu) in enumerate(qs13):
-        if qg.shape != qu.shape:
-            raise QuantFormatError(
-                f"layer {layer} expert {e}: gate_proj {qg.shape} and up_proj {qu.shape} differ"
-            )
-    return stack([cat_rows(qg, qu) for qg, qu in qs13]), stack(qs2)
+    return quantize_expert_stack(
+        n_experts,
+        lambda e: tuple(get_tensor(expert_key(layer, e, p)) for p in ("gate_proj", "up_proj", "down_proj")),
+        bits,
+        group_size,
+        method,
+        name=lambda e, proj: expert_key(layer, e, proj),
+    )
