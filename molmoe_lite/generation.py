@@ -327,10 +327,3 @@ class GenerationMixin:
         elif not text.startswith(shown):  # pragma: no cover - byte-level decoding is prefix-stable
             raise RuntimeError("streamed text diverged from the full decode")
 
-
-def decode_answer(tokenizer: Any, ids: list[int]) -> str:
-    """The answer text for new ids, cut at EOS (the same rule streaming uses)."""
-    eos = tokenizer.eos_token_id
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
