@@ -220,12 +220,13 @@ def _quant_state_bytes(qs) -> int:
     return n + (_quant_state_bytes(nested) if nested is not None else 0)
 
 
-def module_bytes(mod: nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``mod`` (each tensor once), NF4 statistics included."""
+def module_bytes(mod: nn.Module, device_type: str | None = None) -> int:
+    """Bytes of every parameter and buffer of ``mod`` (each tensor once), NF4 statistics included;
+    only those on ``device_type`` ("cuda", "cpu") when given."""
     seen: set[int] = set()
     n = 0
     for t in list(mod.parameters()) + list(mod.buffers()):
-        if id(t) in seen:
+        if id(t) in seen or (device_type is not None and t.device.type != device_type):
             continue
         seen.add(id(t))
         n += t.numel() * t.element_size()
@@ -264,12 +265,4 @@ def kv_bytes_per_token(model) -> int:
 
 def gpu_bytes(model) -> int:
     """Bytes of the model's parameters and buffers that live on a CUDA device."""
-    seen, n = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "cuda" and id(t) not in seen:
-            seen.add(id(t))
-            n += t.numel() * t.element_size()
-            qs = getattr(t, "quant_state", None)
-            if qs is not None:
-                n += _quant_state_bytes(qs)
-    return n
+    return module_bytes(model, "cuda")

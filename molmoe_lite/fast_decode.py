@@ -2,10 +2,11 @@
 
 After the prefill, every decode step of a batch has the same shapes: one token
 embedding per row, a static KV cache of ``max_len`` slots, a key mask over those slots and the slot
-index as a device tensor (``Transformer.decode_static``). On CUDA, with quantised
+index as a device tensor (``Transformer.decode_static``); attention reads a prefix of the
+cache whose length is fixed per bucket of positions. On CUDA, with quantised
 experts running the Triton kernels (no host syncs anywhere in the step), the step is
-captured once in a CUDA graph after a warm-up that also compiles the kernels, then
-replayed: one launch instead of hundreds per token. Anywhere else (CPU, dense experts
+captured in a CUDA graph (once per bucket) after a warm-up that also compiles the
+kernels, then replayed: one launch instead of hundreds per token. Anywhere else (CPU, dense experts
 whose Python loop syncs with the host, or a capture that fails) the same step runs
 eagerly, with one log line saying why.
 """
@@ -38,43 +39,58 @@ class StaticDecoder:
 
     ``key_mask`` [B, max_len] marks the real prompt keys; each ``step(tokens)`` writes the
     next slot and returns logits [B, vocab] (a buffer reused by the next step).
+
+    Attention reads only the filled part of the cache: exactly ``length + 1`` slots when
+    eager; with graphs, the next multiple of ``bucket`` slots, one graph per bucket
+    (a 1,200-token prompt + 200 new tokens needs two), so a captured step reads at most
+    ``bucket - 1`` unfilled (masked) slots.
     """
 
-    def __init__(self, model, cache, key_mask: torch.Tensor, use_graph: bool | None = None):
+    def __init__(self, model, cache, key_mask: torch.Tensor, use_graph: bool | None = None, bucket: int = 256):
         self.model = model
         self.cache = cache
+        self.bucket = bucket
         dev = model.device
         self.mask = torch.zeros(cache.batch, cache.max_len, dtype=torch.bool, device=dev)
         self.mask[:, : key_mask.shape[1]] = key_mask
         self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
         d = model.config.d_model
         self.embeds = torch.zeros(cache.batch, 1, d, dtype=model.compute_dtype, device=dev)
-        self.logits: torch.Tensor | None = None
         reason = graph_capturable(model) if use_graph is not False else "disabled"
         self.use_graph = reason is None
         if reason is not None and use_graph is None and dev.type == "cuda":
             log.info("decode runs without a CUDA graph: %s", reason)
-        self.graph = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # kv_len -> graph, logits
 
-    def _run(self) -> torch.Tensor:
+    def _run(self, kv_len: int) -> torch.Tensor:
         """The captured work: mark this slot real, run the step, project to logits."""
         self.mask.index_fill_(1, self.pos, True)
-        hidden = self.model.model.transformer.decode_static(self.embeds, self.mask, self.cache, self.pos)
+        hidden = self.model.model.transformer.decode_static(self.embeds, self.mask, self.cache, self.pos, kv_len)
         return self.model.logits(hidden)[:, -1]  # [B, vocab]
 
-    def _capture(self) -> None:
-        log.info("compiling kernels and capturing the decode step in a CUDA graph (first step only)")
+    def _capture(self, kv_len: int) -> None:
+        if not self.graphs:
+            log.info("compiling kernels and capturing the decode step in a CUDA graph (first step only)")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # warm-up on the real inputs: writes the same slot the replay will, so it is harmless
             for _ in range(2):
-                self._run()
+                self._run(kv_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._run()
-        self.graph = graph
+            logits = self._run(kv_len)
+        self.graphs[kv_len] = (graph, logits)
+
+    @property
+    def graph(self):
+        """The graph of the current bucket, if captured (None when eager)."""
+        return self.graphs.get(self._bucket_len()) if self.graphs else None
+
+    def _bucket_len(self) -> int:
+        need = self.cache.length + 1
+        return min(self.cache.max_len, -(-need // self.bucket) * self.bucket)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -83,19 +99,21 @@ class StaticDecoder:
             raise ValueError(f"KV cache full: {self.cache.length} of {self.cache.max_len} slots used")
         # the embedding lookup stays outside the graph: its table may live on the CPU (`small`)
         self.embeds.copy_(self.model.model.transformer.embed(tokens.view(-1, 1), check=False))
-        if self.use_graph and self.graph is None:
+        kv_len = self._bucket_len() if self.use_graph else self.cache.length + 1
+        if self.use_graph and kv_len not in self.graphs:
             try:
-                self._capture()
+                self._capture(kv_len)
             except Exception as exc:  # capture is an optimisation: fall back, say so once
                 log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
                 self.use_graph = False
-                self.graph = None
+                self.graphs.clear()
                 torch.cuda.synchronize()
-        if self.graph is not None:
-            self.graph.replay()
-            out = self.logits
+                kv_len = self.cache.length + 1
+        if self.use_graph:
+            graph, out = self.graphs[kv_len]
+            graph.replay()
         else:
-            out = self._run()
+            out = self._run(kv_len)
         self.pos += 1
         self.cache.length += 1
         return out

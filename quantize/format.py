@@ -521,7 +521,7 @@ def quantize_expert_stack(
         i_, h = gate.shape[-2:]
         if tuple(up.shape) != (i_, h) or tuple(down.shape) != (h, i_):
             raise QuantFormatError(
-                f"{key(e, 'gate_proj')}: expert shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
+                f"{key(e, 'gate_proj')} (expert {e}): shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
                 f"down {tuple(down.shape)} are not [I, H], [I, H], [H, I]"
             )
         qg = quantize_weight(gate, bits, group_size, method, name=key(e, "gate_proj"))
@@ -532,7 +532,7 @@ def quantize_expert_stack(
             w2 = _empty_stack(n_experts, h, qd)
         elif w13.shape[1:] != (2 * i_, h):
             raise QuantFormatError(
-                f"{key(e, 'gate_proj')}: expert shapes differ ([{i_}, {h}] vs expert 0's {w13.shape[1:]})"
+                f"{key(e, 'gate_proj')} (expert {e}): shape [{i_}, {h}] differs from expert 0's {w13.shape[1:]}"
             )
         _put_rows(w13, e, 0, qg)
         _put_rows(w13, e, i_, qu)

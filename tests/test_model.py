@@ -168,3 +168,22 @@ def test_static_decode_steps_equal_full_recomputation(tiny_model, image_inputs):
         steps = [first] + [decoder.step(t.view(1)).clone()[0] for t in extra]
     assert cache.length == full_ids.numel()
     assert _rel(torch.stack(steps), full[ids.numel() - 1 :]) <= 1e-4
+
+
+@pytest.mark.parametrize("extra_slots", [0, 1, 7, None], ids=["exact", "one-spare", "bucket", "whole-cache"])
+def test_static_step_is_independent_of_how_many_unfilled_slots_it_reads(tiny_model, image_inputs, extra_slots):
+    # a captured step reads up to a bucket boundary; masked, unfilled slots must not matter
+    ids = image_inputs["input_ids"]
+    n = ids.numel()
+    t = tiny_model.model.transformer
+    with torch.no_grad():
+        cache = tiny_model.new_cache(1, n + 8)
+        tiny_model(**image_inputs, cache=cache, logits_at="last")
+        mask = torch.zeros(1, n + 8, dtype=torch.bool)
+        mask[:, : n + 1] = True
+        pos = torch.tensor([n])
+        embeds = t.embed(torch.tensor([[42]]))
+        exact = t.decode_static(embeds, mask, cache, pos, n + 1)
+        kv_len = None if extra_slots is None else n + 1 + extra_slots
+        got = t.decode_static(embeds, mask, cache, pos, kv_len)
+    assert _rel(got, exact) <= 1e-6

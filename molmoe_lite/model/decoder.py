@@ -178,8 +178,10 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, L, H, D).transpose(1, 2), cos, sin)  # [B, H, L, D]
         k = apply_rope(k.view(B, L, KV, D).transpose(1, 2), cos, sin)  # [B, KV, L, D]
         v = v.view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
-        if cache_pos is not None:  # static decode: all max_len keys, unfilled ones masked in bias
+        if cache_pos is not None:  # static decode: the first S slots, unfilled ones masked in bias
             k, v = cache.write_at(self.layer_idx, cache_pos, k, v)  # [B, KV, max_len, D]
+            S = bias.shape[-1]
+            k, v = k[:, :, :S], v[:, :, :S]  # [B, KV, S, D]
         elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, KV, S, D]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(D))  # [B, H, L, D]
@@ -364,13 +366,16 @@ class Transformer(nn.Module):
         key_mask: torch.Tensor,  # [B, max_len] bool, True = real key, this step's slot included
         cache: KVCache,
         cache_pos: torch.Tensor,  # [1] long, the slot this token's k/v go to
+        kv_len: int | None = None,  # attend over the first kv_len slots (> cache_pos); None = all
     ) -> torch.Tensor:  # [B, 1, d] after ln_f, compute dtype
         """One decode step with every shape fixed and no host sync: what a CUDA graph captures.
 
-        Attention reads all ``max_len`` cached keys (unfilled slots are masked out), so
-        the caller sizes the cache to the prompt plus the new tokens. ``cache.length`` is
-        not advanced; the caller tracks the position.
+        Attention reads the first ``kv_len`` cache slots (unfilled ones are masked out):
+        the exact filled length when run eagerly, a bucket boundary when captured, so one
+        graph serves a range of positions. ``cache.length`` is not advanced; the caller
+        tracks the position.
         """
+        key_mask = key_mask[:, :kv_len]  # [B, S]
         position = key_mask.sum(-1, keepdim=True) - 1  # [B, 1]: real tokens before this one
         cos, sin = rope_cos_sin(position, self.cfg.head_dim, self.cfg.rope_theta)  # [B, 1, D]
         # slots after cache_pos are never set in key_mask, so the key mask alone is causal here
