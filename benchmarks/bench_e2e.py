@@ -275,7 +275,7 @@ def measure_decode(model, batch, cache1, rows: int, static: bool, steps: int, wa
     _sync()
     seconds = time.perf_counter() - t0
     if static:
-        graph = decoder.graph is not None
+        graph = decoder.captured
     return {"seconds": seconds, "graph": graph, "mean_context": prompt_len + warmup + (steps + 1) / 2}
 
 
@@ -365,7 +365,7 @@ def memory_check(provider: str, cfg, proc, image, dtype, rec: Recorder) -> None:
         for _ in range(8):  # the first step captures the graph
             decoder.step(tok)
         torch.cuda.synchronize()
-        r.update(ttft_s=ttft, graph=decoder.graph is not None, prompt_tokens=int(batch["input_ids"].shape[1]))
+        r.update(ttft_s=ttft, graph=decoder.captured, prompt_tokens=int(batch["input_ids"].shape[1]))
         fits = True
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]

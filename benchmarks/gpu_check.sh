@@ -4,17 +4,18 @@
 #   benchmarks/gpu_check.sh [OUT_DIR]
 #
 # Stages, each writing its JSON into OUT_DIR as soon as it ends (so a run cut short still reports);
-# the timeout of each (seconds) in brackets, 445 s in all:
+# the timeout of each (seconds) in brackets, 450 s in all:
 #   1. env.json          device, driver, versions                                            [15]
-#   2. cuda_tests.xml    the tests that need CUDA (bf16 on the GPU against fp32 on the CPU,   [80]
-#                        kernels), then tests_summary.json from their junit XML              [10]
+#   2. cuda_tests.xml    the kernel tests compiled for this GPU (fp32/fp16/bf16) and the      [150]
+#                        model on the GPU (bf16/fp16 against fp32 on the CPU, CUDA-graph
+#                        decode), then tests_summary.json from their junit XML               [10]
 #      kernels_aot.json  every kernel x shipped config compiled for sm_75..sm_90, shared memory
 #                        checked: CPU only, so it runs in the background during the tests    [(45)]
 #   3. bandwidth.json    measured device copy bandwidth                                       [15]
-#   4. moe_bench.jsonl   one MolmoE MoE layer (E=64, top-8, H=2048, I=1024) for T in 1..4096: [70]
+#   4. moe_bench.jsonl   one MolmoE MoE layer (E=64, top-8, H=2048, I=1024) for T in 1..4096: [60]
 #                        our int4/int8 kernels vs the bf16 reference loop, torch._grouped_mm,
 #                        bitsandbytes NF4 (one record per test, appended as it ends)
-#   5. e2e.jsonl         the whole model at the real shapes (random weights): TTFT for one   [240]
+#   5. e2e.jsonl         the whole model at the real shapes (random weights): TTFT for one   [180]
 #                        1920x1080 image, decode tokens/s at batch 1 and 4, peak memory, the
 #                        bandwidth floor, for release bf16 loop / ours bf16 / int8 / int4 /
 #                        int4 small / NF4; int4 within 6 GiB and small within 4.5 GiB
@@ -31,17 +32,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -c "import molmoe_lite" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
+# always install: from the repo root `import molmoe_lite` would succeed without it, but
+# molmoe_lite.kernels / molmoe_lite.quantize exist only through the install's folder mapping
+python3 -m pip install -q --no-deps --no-build-isolation -e .
+# compile-heavy GPU tests run in parallel workers when pytest-xdist is there
+XDIST=""; timeout 5 python3 -c "import xdist" 2>/dev/null && XDIST="-n 4"
 
 timeout 15 python3 benchmarks/gpu_check.py env --out "$OUT"
 # CPU-only, so it overlaps the GPU tests; waited for before any timing runs
 ( timeout 45 python3 -m molmoe_lite.kernels.aot --json > "$OUT/kernels_aot.json" ) &
 AOT_PID=$!
-timeout 80 python3 -m pytest -q -m cuda tests -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log"
+# every kernel test (fp32/fp16/bf16 compiled for this GPU) plus the model-on-GPU tests
+timeout 150 python3 -m pytest -q $XDIST -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" \
+  tests/test_kernels_moe.py tests/test_kernels_routing.py tests/test_model_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
 timeout 10 python3 benchmarks/gpu_check.py tests-summary --out "$OUT"
 wait "$AOT_PID"
 timeout 15 python3 benchmarks/gpu_check.py bandwidth --out "$OUT"
-MOLMOE_BENCH_RESULTS="$OUT/moe_bench.jsonl" timeout 70 python3 -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_moe.py 2>&1 | tee "$OUT/moe_bench.log"
-timeout 240 python3 benchmarks/bench_e2e.py --out "$OUT" --memory-check
+MOLMOE_BENCH_RESULTS="$OUT/moe_bench.jsonl" timeout 60 python3 -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_moe.py 2>&1 | tee "$OUT/moe_bench.log"
+timeout 180 python3 benchmarks/bench_e2e.py --out "$OUT" --memory-check
 timeout 15 python3 benchmarks/plot_results.py "$OUT" || true
 echo "results in $OUT:"; ls -l "$OUT"

@@ -3,7 +3,9 @@
 Providers: ``int4`` / ``int8`` (our fused_moe: routing + 2 expert launches; group 64 / per
 channel), ``bf16_loop`` (the release's way: a torch loop over the experts that got tokens),
 ``bf16_grouped_mm`` (torch._grouped_mm on expert-sorted rows, where torch has it) and
-``nf4_loop`` (bitsandbytes NF4, blocksize 64, the same per-expert loop).
+``nf4_loop`` (bitsandbytes NF4, blocksize 64, the same per-expert loop). The baselines get
+their routing (and, for grouped_mm, the sort) computed outside the timed step, while ours
+include routing, grouping and the top-k reduction: the comparison is biased against us.
 
 Method: weights for 16 layers are resident and every timed pass runs the layer once per
 weight set, so the 50 MB L2 of an H100 cannot hold them; time per layer from CUDA events

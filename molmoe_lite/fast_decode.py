@@ -61,6 +61,7 @@ class StaticDecoder:
         if reason is not None and use_graph is None and dev.type == "cuda":
             log.info("decode runs without a CUDA graph: %s", reason)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # kv_len -> graph, logits
+        self._pool = None  # one memory pool shared by every bucket's graph
 
     def _run(self, kv_len: int) -> torch.Tensor:
         """The captured work: mark this slot real, run the step, project to logits."""
@@ -79,14 +80,17 @@ class StaticDecoder:
                 self._run(kv_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # safe to share: each step's logits are consumed before the next replay
+        with torch.cuda.graph(graph, pool=self._pool):
             logits = self._run(kv_len)
         self.graphs[kv_len] = (graph, logits)
 
     @property
-    def graph(self):
-        """The graph of the current bucket, if captured (None when eager)."""
-        return self.graphs.get(self._bucket_len()) if self.graphs else None
+    def captured(self) -> bool:
+        """Whether any decode step ran from a CUDA graph."""
+        return bool(self.graphs)
 
     def _bucket_len(self) -> int:
         need = self.cache.length + 1
@@ -103,6 +107,8 @@ class StaticDecoder:
         if self.use_graph and kv_len not in self.graphs:
             try:
                 self._capture(kv_len)
+            except torch.cuda.OutOfMemoryError:
+                raise  # not a capture problem: the caller reports what would fit
             except Exception as exc:  # capture is an optimisation: fall back, say so once
                 log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
                 self.use_graph = False

@@ -29,6 +29,14 @@ class GPUMemoryError(MemoryError):
     """Generation ran out of GPU memory; the message names what would fit."""
 
 
+def _out_of_memory(length: int, settings: "SamplingSettings", batch: int) -> GPUMemoryError:
+    return GPUMemoryError(
+        f"out of GPU memory for a {length}-token prompt with {settings.max_new_tokens} new tokens "
+        f"(batch {batch}). Try the `small` preset (load(..., preset='small'), `--preset small`), "
+        "fewer new tokens or a smaller image, or a smaller --max-context"
+    )
+
+
 @dataclass
 class GenerationStats:
     """Timings of the last generation call (``model.last_stats``)."""
@@ -192,12 +200,8 @@ class GenerationMixin:
                 cache=cache,
                 logits_at="last",
             )[:, -1]
-        except torch.cuda.OutOfMemoryError as exc:
-            raise GPUMemoryError(
-                f"out of GPU memory for a {length}-token prompt with {settings.max_new_tokens} new tokens "
-                f"(batch {bsz}). Try the `small` preset (load(..., preset='small'), `--preset small`), "
-                "fewer new tokens or a smaller image, or a smaller --max-context"
-            ) from exc
+        except torch.cuda.OutOfMemoryError:
+            raise _out_of_memory(length, settings, bsz) from None  # frees the cache with this frame
         if self.compute_dtype == torch.float16 and not bool(torch.isfinite(logits).all()):
             raise FloatingPointError(
                 "float16 overflowed (non-finite logits after the prompt); load with dtype='bfloat16' "
@@ -225,7 +229,10 @@ class GenerationMixin:
                     done = torch.tensor(finished, device=self.device)
             if all(finished) or step + 1 == settings.max_new_tokens:
                 return
-            logits = decoder.step(nxt)
+            try:
+                logits = decoder.step(nxt)
+            except torch.cuda.OutOfMemoryError:
+                raise _out_of_memory(length, settings, bsz) from None
 
     @staticmethod
     def _hits_stop(ids: list[int], stops: tuple[str, ...], tok: Any) -> bool:
