@@ -63,7 +63,7 @@ class SamplingSettings:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop_strings: tuple[str, ...] = ()
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     seed: int | None = None
     max_context: int | None = None  # KV-cache slots; None = prompt + max_new_tokens
@@ -85,7 +85,7 @@ class SamplingSettings:
                 s.stop_strings = (stops,) if isinstance(stops, str) else tuple(stops)
             eos = get("eos_token_id")
             if eos is not None:
-                s.eos_token_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+                s.eos_token_id = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else int(eos)
             if get("pad_token_id") is not None:
                 s.pad_token_id = int(get("pad_token_id"))
         for key, value in overrides.items():
@@ -176,11 +176,12 @@ class GenerationMixin:
         eos = settings.eos_token_id
         if eos is None and tok is not None:
             eos = tok.eos_token_id
+        eos_ids = set() if eos is None else set(eos) if isinstance(eos, tuple) else {eos}
         pad = settings.pad_token_id
         if pad is None:
             pad = getattr(tok, "pad_token_id", None) if tok is not None else None
         if pad is None:
-            pad = eos if eos is not None else 0
+            pad = min(eos_ids) if eos_ids else 0
         if settings.stop_strings and tok is None:
             raise ValueError("stop_strings need a tokenizer (pass tokenizer=...)")
         gen = torch.Generator(device=self.device).manual_seed(settings.seed) if settings.seed is not None else None
@@ -224,7 +225,7 @@ class GenerationMixin:
                 if finished[b]:
                     continue
                 new_ids[b].append(t)
-                if (eos is not None and t == eos) or self._hits_stop(new_ids[b], settings.stop_strings, tok):
+                if t in eos_ids or self._hits_stop(new_ids[b], settings.stop_strings, tok):
                     finished[b] = True
                     done = torch.tensor(finished, device=self.device)
             if all(finished) or step + 1 == settings.max_new_tokens:
@@ -238,9 +239,10 @@ class GenerationMixin:
     def _hits_stop(ids: list[int], stops: tuple[str, ...], tok: Any) -> bool:
         if not stops:
             return False
-        longest = max(len(s) for s in stops)
-        # a stop string of n characters spans at most n tokens (plus one partial byte token)
-        tail = tok.decode(ids[-(longest + 2) :], skip_special_tokens=False)
+        # byte-level BPE: a stop string of n UTF-8 bytes spans at most n tokens, plus one that
+        # may carry bytes before it
+        longest = max(len(s.encode("utf-8")) for s in stops)
+        tail = tok.decode(ids[-(longest + 1) :], skip_special_tokens=False)
         return any(s in tail for s in stops)
 
     @torch.inference_mode()

@@ -100,13 +100,13 @@ def test_decode_weight_bytes_counts_attention_router_topk_experts_and_lm_head(mo
     # experts read per layer: top_k at batch 1; the expected union of B independent uniform picks after
     used = k if batch == 1 else n_exp * (1 - (1 - k / n_exp) ** batch)
     q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    per_layer = d * qkv + q_width * d + d + q_width + kv_width  # att_proj, attn_out, attn/q/k norms
-    per_layer += d + n_exp * d  # ff_norm, router
+    per_layer = d * qkv + q_width * d + n_exp * d  # att_proj, attn_out, router (bf16)
+    norms = d + q_width + kv_width + d  # attn/q/k norms, ff_norm: fp32 in every compute dtype
     expert_bytes = int(2 * n_exp * 3 * d * hid * used / n_exp)  # bf16
-    elems = n_layers * per_layer + d + cfg.embedding_size * d + batch * d  # ln_f, lm_head, embedding rows
+    elems = n_layers * per_layer + cfg.embedding_size * d + batch * d  # lm_head, embedding rows
     got, n_used = decode_weight_bytes(model, batch)
     assert n_used == round(used, 1)
-    assert got == 2 * elems + n_layers * expert_bytes
+    assert got == 2 * elems + 4 * (n_layers * norms + d) + n_layers * expert_bytes  # + ln_f
     assert kv_bytes_per_token(model) == 2 * n_layers * cfg.n_kv_heads * cfg.head_dim * 2
 
 

@@ -12,10 +12,11 @@ head split; router softmax in fp32 over all experts, top-k *without* renormalisa
 experts accumulate with ``index_add_`` in expert order; padded keys get the dtype's
 finite minimum added to the attention bias (never -inf), so all-pad rows stay finite.
 
-Dtypes: parameters live in the compute dtype. With float16 the residual stream and every
-RMSNorm weight stay in fp32 (the release ran fp32 weights under bf16 autocast; OLMoE's
-residual stream can exceed fp16's 65504), and each matmul input is cast to fp16.
-bfloat16 and float32 keep everything in that dtype.
+Dtypes: matmul weights live in the compute dtype; the residual stream and every RMSNorm
+weight stay in fp32 and each matmul input is cast to the compute dtype. That is what the
+authors' setup did (fp32 weights under bf16 autocast keep the residual stream fp32), it
+keeps fp16 from overflowing (OLMoE's residual stream can exceed 65504), and its cost is a
+few adds per token.
 
 Shape legend: B batch, L new tokens, S keys so far (cache + new), H heads, D head dim,
 d model width, T = B*L tokens, E experts, K top-k, I expert hidden.
@@ -38,8 +39,8 @@ class DecoderInputError(ValueError):
 
 
 def residual_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
-    """fp16 keeps the residual stream (and norm weights) in fp32; other dtypes use themselves."""
-    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
+    """The residual stream (and norm weights) stay fp32 whatever the matmul dtype."""
+    return torch.float32
 
 
 # ---------------------------------------------------------------------------------------
