@@ -16,7 +16,8 @@ Method:
   optional attention / lm_head matrices through ``format.quantize_weight``, everything
   else cast to ``dtype`` one tensor at a time. A ``.bin`` source is memory-mapped, so its
   pages are the page cache's, not ours; peak anonymous memory is about one layer of
-  quantised experts twice over (the per-expert parts, then their stack) plus temporaries.
+  quantised experts (codes go straight into preallocated stacks) plus one expert's floats
+  and the rounding's temporaries.
 - The output is built in ``atomic_output_dir``: a failure or an interrupt at any point
   leaves no DST (and an existing DST untouched).
 - Errors of the stacked experts are measured on two experts per layer (cheap: dequantise
