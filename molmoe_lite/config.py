@@ -11,11 +11,11 @@ checked up front and give a ``ConfigError`` naming the field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from molmoe_lite.quantize.checkpoint import read_json_object
 from molmoe_lite.quantize.layout import expert_hidden_size
 
 
@@ -212,22 +212,10 @@ class MolmoeConfig:
         return cls.from_dict(read_config_json(path))
 
 
-def read_json_object(file: Path, error: type[Exception] | None = None) -> dict[str, Any]:
-    """A JSON file that must hold an object; failures raise ``error`` naming the file."""
-    error = error or ConfigError
-    try:
-        data = json.loads(Path(file).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{file}: cannot read json: {exc}") from exc
-    if not isinstance(data, dict):
-        raise error(f"{file}: expected a JSON object")
-    return data
-
-
 def read_config_json(path: str | Path) -> dict[str, Any]:
     """Load a config.json (folder or file) as a dict, with errors that name the file."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise ConfigError(f"{file}: no config.json here (is this a MolmoE checkpoint folder?)")
-    return read_json_object(file)
+    return read_json_object(file, ConfigError)

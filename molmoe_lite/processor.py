@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from molmoe_lite.config import read_json_object
+from molmoe_lite.quantize.checkpoint import read_json_object
 from molmoe_lite.images import load_image
 from molmoe_lite.tokenizer import IM_COL, IM_END, IM_PATCH, IM_START, load_tokenizer
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-from molmoe_lite.config import read_json_object
+from molmoe_lite.quantize.checkpoint import read_json_object
 
 # The tokens the processor lays out around image features (strings, never ids: the
 # release's added_tokens.json lists stale ids for them).

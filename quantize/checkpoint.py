@@ -179,21 +179,27 @@ def _open_safetensors(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
 
 
-def _read_index(index: Path) -> dict[str, Path]:
-    """Key -> shard path from a ``*.index.json``; every named shard must exist inside the folder."""
+def read_json_object(path: str | Path, error: type[Exception] = CheckpointError) -> dict[str, Any]:
+    """A JSON file that must hold an object; any failure raises ``error`` naming the file."""
     try:
-        raw = index.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CheckpointError(f"{index}: cannot read index ({e.strerror or e})") from e
+        raw = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise CheckpointError(f"{index}: index is not UTF-8 text ({e.reason})") from e
+        raise error(f"{path}: not UTF-8 text ({e.reason})") from e
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from e
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"{index}: index is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-        ) from e
-    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    """Key -> shard path from a ``*.index.json``; every named shard must exist inside the folder."""
+    data = read_json_object(index)
+    if not isinstance(data.get("weight_map"), dict):
         raise CheckpointError(f'{index}: index has no "weight_map" object (key -> shard file)')
     weight_map = data["weight_map"]
     if not weight_map:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint, validate
+from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint, read_json_object, validate
 from molmoe_lite.quantize.format import (
     FORMAT_VERSION,
     QuantFormatError,
@@ -166,18 +166,9 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 def read_source_config(src: Path) -> dict[str, Any]:
     """config.json of ``src``, checked to be a MolmoE config with the fields the layout needs."""
     path = src / "config.json"
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: no config.json in the source folder") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: cannot read ({e})") from e
-    try:
-        cfg = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
-    if not isinstance(cfg, dict):
-        raise ConvertError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    if not path.is_file():
+        raise ConvertError(f"{path}: no config.json in the source folder")
+    cfg = read_json_object(path, ConvertError)
     if cfg.get("model_type") != "molmo":
         raise ConvertError(
             f"{path}: not a MolmoE config (model_type is {cfg.get('model_type')!r}, expected 'molmo')"

@@ -10,13 +10,12 @@ context come on top (a few hundred MB); the report says so. ``format_report`` re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint
+from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint, read_json_object
 from molmoe_lite.quantize.layout import LLM_PREFIX, VIT_PREFIX
 
 KINDS = ("experts", "attention", "lm_head", "embeddings", "vision", "other")
@@ -59,14 +58,9 @@ def inspect_checkpoint(folder: str | Path, context: int = 4096, batch: int = 1) 
     if context <= 0 or batch <= 0:
         raise ValueError(f"context and batch must be positive, got context={context}, batch={batch}")
     cfg_path = folder / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{cfg_path}: no config.json in {folder}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot read config ({e})") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: no config.json in {folder}")
+    cfg = read_json_object(cfg_path)
     qcfg = cfg.get("quantization_config")
     bits = int(qcfg["bits"]) if isinstance(qcfg, dict) and "bits" in qcfg else None
 
