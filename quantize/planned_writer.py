@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from molmoe_lite.quantize.writer import _DTYPE_NAMES, _HEADER_ALIGN, OutputError, check_free_space
+from molmoe_lite.quantize.writer import _DTYPE_NAMES, OutputError, check_free_space, safetensors_header
 
 
 @dataclass
@@ -107,18 +107,9 @@ class PlannedShardWriter:
     # -- layout -------------------------------------------------------------------------
     def _header(self, shard: _Shard) -> bytes:
         """The header ``writer._write_safetensors`` writes for these tensors (same bytes)."""
-        elem = {k: torch.empty((), dtype=self._spec[k][0]).element_size() for k in shard.keys}
-        order = sorted(shard.keys, key=lambda k: (-elem[k], k))
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for key in order:
-            dtype, shape = self._spec[key]
-            n = _nbytes(dtype, shape)
-            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            shard.offsets[key] = offset
-            offset += n
-        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        return blob + b" " * (-len(blob) % _HEADER_ALIGN)
+        blob, _, offsets = safetensors_header({k: self._spec[k] for k in shard.keys}, {"format": "pt"})
+        shard.offsets.update(offsets)
+        return blob
 
     def _open(self, shard: _Shard) -> None:
         blob = self._header(shard)

@@ -70,28 +70,46 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def safetensors_header(
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[str], dict[str, int]]:
+    """The padded header of a safetensors file holding ``specs`` (key -> dtype, shape).
+
+    Returns (header bytes without the 8-byte length, key order in the file, each key's
+    offset from the first data byte). Tensors go in (element size descending, name) order,
+    the library's own, which keeps each aligned to its element size; metadata keys sorted:
+    the same input always gives the same bytes.
+    """
+    def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+        n = torch.empty((), dtype=dtype).element_size()
+        for dim in shape:
+            n *= int(dim)
+        return n
+
+    elem = {k: torch.empty((), dtype=dtype).element_size() for k, (dtype, _) in specs.items()}
+    order = sorted(specs, key=lambda k: (-elem[k], k))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offsets: dict[str, int] = {}
+    offset = 0
+    for key in order:
+        dtype, shape = specs[key]
+        n = nbytes(dtype, shape)
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offsets[key] = offset
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return blob + b" " * (-len(blob) % _HEADER_ALIGN), order, offsets
+
+
 def _write_safetensors(
     path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
 ) -> int:
     """Write one safetensors file; returns its size in bytes. Tensors must be CPU, contiguous."""
     if sys.byteorder != "little":  # the format is little-endian; tensors are written raw
         raise OutputError(f"{path}: writing safetensors needs a little-endian machine")
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
-    offset = 0
-    for key in order:
-        t = tensors[key]
-        n = _tensor_bytes(t)
-        header[key] = {
-            "dtype": _DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + n],
-        }
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % _HEADER_ALIGN)
+    blob, order, _ = safetensors_header({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -102,7 +120,7 @@ def _write_safetensors(
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         f.flush()
         os.fsync(f.fileno())
-    return 8 + len(blob) + offset
+    return 8 + len(blob) + sum(_tensor_bytes(t) for t in tensors.values())
 
 
 def _check_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, str]:
