@@ -24,14 +24,18 @@ EPILOG = """examples:
 """
 
 
+def _add_device_args(p) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
 def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=default_tokens, help="most tokens to generate (default %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    _add_device_args(g)
     g.add_argument(
         "--transparent",
         default="composite",
@@ -105,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("quant_dir", metavar="QUANT_DIR")
     cmp_.add_argument("--image", required=True, metavar="PATH")
     cmp_.add_argument("--prompt", default="Describe this image.")
-    cmp_.add_argument("--device", default=None)
-    cmp_.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    _add_device_args(cmp_)
     cmp_.add_argument("--json", action="store_true", help="print the full result as JSON")
     cmp_.set_defaults(func=cmd_compare)
 
