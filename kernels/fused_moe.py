@@ -26,7 +26,7 @@ import torch
 from molmoe_lite.quantize.format import QuantizedWeight
 
 from .configs import get_config
-from .reference import MoEInputError, moe_reference, route
+from .reference import MoEInputError, fused_moe_reference, moe_reference
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -87,8 +87,8 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, w13: QuantizedW
     if router_logits.shape[1] != w13.shape[0]:
         raise MoEInputError(f"fused_moe: router has {router_logits.shape[1]} experts, weights {w13.shape[0]}")
     if not use_kernels:
-        weights, ids = route(router_logits, top_k, renormalize)
-        return moe_experts(hidden, weights, ids, w13, w2, use_kernels=False)
+        _check_devices(hidden, w13, w2)
+        return fused_moe_reference(hidden, router_logits, w13, w2, top_k, renormalize)
     from .routing import topk_softmax
 
     weights, ids = topk_softmax(router_logits.contiguous(), top_k, renormalize)

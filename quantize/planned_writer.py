@@ -178,10 +178,6 @@ class PlannedShardWriter:
         self._finished = True
         return [s.path for s in self._shards] + [index_path]
 
-    @property
-    def shard_paths(self) -> list[Path]:
-        return [s.path for s in self._shards]
-
     def _close_all(self) -> None:
         for s in self._shards:
             if s.fd is not None:
