@@ -7,6 +7,13 @@ LLVM and the ptxas shipped in the triton wheel) at MolmoE's constants (top-8, G 
 experts) and reports the shared memory against configs.SMEM_LIMIT. Activations are bf16 from
 sm_80 on and fp16 on sm_75 (Turing has no bf16 tensor cores).
 
+Every pointer and integer argument is marked divisible by 16, as Triton's JIT specialises them at
+MolmoE's real sizes (H = 2048, I = 1024, packed rows of 512-2048 bytes, torch's aligned buffers):
+without that the compiled code is the worst case (no 128-bit loads, no cp.async pipelining) and
+under-reports shared memory. Each result also says how the compiled PTX reads memory:
+``load_bytes`` (the widest global load, 16 = 128-bit vectors) and ``async_copies`` (cp.async
+instructions, present when the tile loop is software-pipelined through shared memory).
+
 Run as ``python -m molmoe_lite.kernels.aot [--arch 86] [--bits 4 8] [--json] [-j 2]``; exit status 0
 when everything compiles and fits, 1 otherwise, 3 when this machine cannot compile for CUDA at all.
 Must run in a process without TRITON_INTERPRET=1: whether triton's own ``tl.max``/``tl.sum`` are
@@ -18,9 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import multiprocessing
+import os
+import re
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 # kernel key -> (module, kernel function); the four expert kernels take the config tables
@@ -39,29 +47,48 @@ def _ptr_types(act: str, bits: int) -> dict[str, str]:
             "qw_ptr": q, "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": "*fp32", "weights_ptr": "*fp32"}
 
 
+# MolmoE's expert sizes, for the decode tiles the runtime picks at T = 1
+HIDDEN, INTER, TOP_K = 2048, 1024, 8
+# (rows, row length, programs along the pair/token axis at T = 1) of each decode kernel
+DECODE_T1 = {"gate_up_decode": (INTER, HIDDEN, TOP_K), "down_decode": (HIDDEN, INTER, 1)}
+# SM count of a typical card of each architecture (T4, A100, RTX 3060 Laptop, RTX 4060 Laptop,
+# H100 SXM): the decode launch at T = 1 depends on it (moe_gemv.decode_tiles)
+REFERENCE_SMS = {75: 40, 80: 108, 86: 30, 89: 24, 90: 132}
+
+
 def job_list(archs: list[int], bits_list: list[int]) -> list[dict]:
-    """Every (kernel, arch, bits) to compile, with its constants and launch options."""
+    """Every (kernel, arch, bits, shape) to compile, with its constants and launch options.
+
+    ``shape`` is "table" (the config as shipped) or, for the decode kernels, "T=1" (the tiles
+    ``decode_tiles`` picks at batch 1 on the architecture's reference card).
+    """
     from .configs import CONFIGS
+    from .moe_gemv import decode_tiles
 
     jobs = []
     for cap in archs:
         act = "*fp16" if cap < 80 else "*bf16"
         table = CONFIGS[cap]
         jobs.append({"kernel": "topk_softmax", "module": "routing", "fn": "_topk_softmax_kernel", "cap": cap,
-                     "bits": 0, "ptrs": _ptr_types(act, 4),
-                     "const": {"TOP_K": 8, "BLOCK_K": 8, "BLOCK_E": 64, "RENORMALIZE": False},
+                     "bits": 0, "shape": "table", "ptrs": _ptr_types(act, 4),
+                     "const": {"TOP_K": TOP_K, "BLOCK_K": 8, "BLOCK_E": 64, "RENORMALIZE": False},
                      "options": {"num_warps": 1}})
         for key, (mod, fn) in EXPERT_KERNELS.items():
             cfg = table[key]
             for bits in bits_list:
-                const = {"BITS": bits, "GROUP": 64, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
-                if key != "down_grouped":
-                    const["TOP_K"] = 8
-                if "grouped" in key:
-                    const.update(BLOCK_M=cfg["BLOCK_M"], PRECISION="tf32")
-                jobs.append({"kernel": key, "module": mod, "fn": fn, "cap": cap, "bits": bits,
-                             "ptrs": _ptr_types(act, bits), "const": const,
-                             "options": {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}})
+                tiles = {"table": (cfg["BLOCK_N"], cfg["BLOCK_K"])}
+                if key in DECODE_T1:
+                    rows, k, programs = DECODE_T1[key]
+                    tiles["T=1"] = decode_tiles(cfg, rows, k, bits, programs, REFERENCE_SMS[cap])
+                for shape, (bn, bk) in tiles.items():
+                    const = {"BITS": bits, "GROUP": 64, "BLOCK_N": bn, "BLOCK_K": bk}
+                    if key != "down_grouped":
+                        const["TOP_K"] = TOP_K
+                    if "grouped" in key:
+                        const.update(BLOCK_M=cfg["BLOCK_M"], PRECISION="tf32")
+                    jobs.append({"kernel": key, "module": mod, "fn": fn, "cap": cap, "bits": bits, "shape": shape,
+                                 "ptrs": _ptr_types(act, bits), "const": const,
+                                 "options": {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}})
     return jobs
 
 
@@ -85,17 +112,33 @@ def compile_job(job: dict) -> dict:
             sig[name] = job["ptrs"].get(name, "*i32")  # index buffers are int32
         else:
             sig[name] = "i32"
-    res = {k: job[k] for k in ("kernel", "cap", "bits")}
+    res = {k: job[k] for k in ("kernel", "cap", "bits", "shape")}
+    res["tiles"] = {k: v for k, v in job["const"].items() if k.startswith("BLOCK_")}
     res["limit"] = SMEM_LIMIT[job["cap"]]
+    # the JIT's specialisation at MolmoE's sizes: every runtime argument a multiple of 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if sig[name] != "constexpr"}
     try:
-        ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=job["const"]),
+        ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=job["const"], attrs=attrs),
                             target=GPUTarget("cuda", job["cap"], 32), options=job["options"])
     except Exception as exc:  # noqa: BLE001 - reported per job, the caller decides
         res["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         return res
     res["shared"] = int(ck.metadata.shared)
     res["has_cubin"] = "cubin" in ck.asm
+    res.update(ptx_memory_ops(ck.asm.get("ptx", "")))
     return res
+
+
+_LOAD_BYTES = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2,
+               "b32": 4, "u32": 4, "s32": 4, "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8}
+
+
+def ptx_memory_ops(ptx: str) -> dict:
+    """The widest global load in bytes (``ld.global.v4.b32`` = 16) and the cp.async count."""
+    widest = 0
+    for vec, elem in re.findall(r"ld\.global(?:\.[a-z_0-9:]+)*?(?:\.v(\d))?\.([bfsu]\d+)\s", ptx):
+        widest = max(widest, int(vec or 1) * _LOAD_BYTES.get(elem, 0))
+    return {"load_bytes": widest, "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx))}
 
 
 def toolchain_problem() -> str | None:
@@ -151,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(r), flush=True)
         else:
-            what = r.get("error") or f"{r['shared']:>7} B shared (limit {r['limit']})"
-            print(f"sm_{r['cap']} {r['kernel']:<16} int{r['bits'] or '-'}  {'ok  ' if ok else 'FAIL'} {what}")
+            what = r.get("error") or (f"{r['shared']:>7} B shared (limit {r['limit']}), loads <= {r['load_bytes']} B, "
+                                      f"{r['async_copies']} cp.async")
+            print(f"sm_{r['cap']} {r['kernel']:<16} {r['shape']:<5} int{r['bits'] or '-'}  {'ok  ' if ok else 'FAIL'} {what}")
     return 1 if failed else 0
 
 

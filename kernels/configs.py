@@ -38,37 +38,40 @@ def _table(dec_gu, dec_dn, grp_gu, grp_dn, decode_max_tokens):
 
 
 # Decode: GEMV-style, one program per (token, k) x BLOCK_N rows; BLOCK_N is small so that at T = 1
-# there are several programs per SM (H=2048 / 8 = 256 programs for down) and all SMs read weights.
+# there are several programs per SM (H=2048 / 8 = 256 programs for down) and all SMs read weights
+# (moe_gemv.decode_tiles trades BLOCK_N for BLOCK_K further on big GPUs). A tile is sized so
+# that each thread's share of an int4 step is 16 bytes (BLOCK_N * BLOCK_K / 2 = 16 * 32 * num_warps):
+# one 128-bit load, which aot.py checks in the compiled PTX.
 # Grouped: tensor-core tiles; BLOCK_K >= 32 because int4 splits a K-step into even/odd halves and
 # tl.dot needs an inner size of at least 16.
 CONFIGS = {
     75: _table(
-        {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1},
-        {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 2, "num_stages": 1},
+        {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 2, "num_stages": 1},
         {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
         8),
     80: _table(
         {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
-        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
         8),
     86: _table(
         {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
-        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
         8),
     89: _table(
         {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
-        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
         8),
     90: _table(
         {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
-        {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
         8),

@@ -14,8 +14,8 @@ pair p = t * K + k indexes the (token, k) choices of the router.
    once: the routing weight and the top-k sum are fused and the result is deterministic
    (no atomics).
 At batch 1 the work is reading weights, so the tiles are wide along K (contiguous bytes) and
-short along N; on CUDA, BLOCK_N is halved further until the grid has >= 4 programs per SM
-(the split chosen from the device's SM count); see configs.py.
+short along N; on CUDA, BLOCK_N is traded for BLOCK_K until the grid has >= 4 programs per SM
+(the split chosen from the device's SM count, ``decode_tiles``); see configs.py.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def _gate_up_gemv_kernel(x_ptr,  # [T, H] activations (fp16/bf16/fp32), row stri
                          z_ptr,  # fp16 [E, 2I, H/G] (int4 only; any pointer for int8)
                          act_ptr,  # [T*K, I] out, x's dtype
                          I, H, stride_xt,
+                         QK, NG,  # qweight row length (H/2 | H), groups per row (H/G)
                          TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pair = tl.program_id(0)
@@ -48,10 +49,9 @@ def _gate_up_gemv_kernel(x_ptr,  # [T, H] activations (fp16/bf16/fp32), row stri
     tok = (pair // TOP_K).to(tl.int64)
     e = tl.load(ids_ptr + pair).to(tl.int64)
     n_rows = 2 * I
-    ng = H // GROUP
-    s_base = s_ptr + e * n_rows * ng
-    z_base = z_ptr + e * n_rows * ng
-    q_base = qw_ptr + e * n_rows * (H // 2 if BITS == 4 else H)
+    s_base = s_ptr + e * n_rows * NG
+    z_base = z_ptr + e * n_rows * NG
+    q_base = qw_ptr + e * n_rows * QK
     x_row = x_ptr + tok * stride_xt
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] gate rows; up rows are I + n
     n_ok = n < I
@@ -61,11 +61,11 @@ def _gate_up_gemv_kernel(x_ptr,  # [T, H] activations (fp16/bf16/fp32), row stri
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if BITS == 4:
-            acc_g += int4_gemv_step(q_base, s_base, z_base, x_row, rows_g, k0, n_rows, H, GROUP, BLOCK_K)
-            acc_u += int4_gemv_step(q_base, s_base, z_base, x_row, rows_u, k0, n_rows, H, GROUP, BLOCK_K)
+            acc_g += int4_gemv_step(q_base, s_base, z_base, x_row, rows_g, k0, n_rows, QK, NG, GROUP, BLOCK_K)
+            acc_u += int4_gemv_step(q_base, s_base, z_base, x_row, rows_u, k0, n_rows, QK, NG, GROUP, BLOCK_K)
         else:
-            acc_g += int8_gemv_step(q_base, s_base, x_row, rows_g, k0, n_rows, H, GROUP, BLOCK_K)
-            acc_u += int8_gemv_step(q_base, s_base, x_row, rows_u, k0, n_rows, H, GROUP, BLOCK_K)
+            acc_g += int8_gemv_step(q_base, s_base, x_row, rows_g, k0, n_rows, QK, NG, GROUP, BLOCK_K)
+            acc_u += int8_gemv_step(q_base, s_base, x_row, rows_u, k0, n_rows, QK, NG, GROUP, BLOCK_K)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(act_ptr + pair.to(tl.int64) * I + n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
 
@@ -79,11 +79,11 @@ def _down_gemv_kernel(act_ptr,  # [T*K, I] x's dtype
                       z_ptr,  # fp16 [E, H, I/G] (int4 only)
                       out_ptr,  # [T, H] out, row stride stride_ot
                       H, I, stride_ot,
+                      QK, NG,  # qweight row length (I/2 | I), groups per row (I/G)
                       TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
-    ng = I // GROUP
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output rows
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for kt in range(TOP_K):
@@ -91,15 +91,15 @@ def _down_gemv_kernel(act_ptr,  # [T*K, I] x's dtype
         e = tl.load(ids_ptr + pair).to(tl.int64)
         wt = tl.load(w_ptr + pair).to(tl.float32)
         a_row = act_ptr + pair * I
-        s_base = s_ptr + e * H * ng
-        z_base = z_ptr + e * H * ng
-        q_base = qw_ptr + e * H * (I // 2 if BITS == 4 else I)
+        s_base = s_ptr + e * H * NG
+        z_base = z_ptr + e * H * NG
+        q_base = qw_ptr + e * H * QK
         part = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
             if BITS == 4:
-                part += int4_gemv_step(q_base, s_base, z_base, a_row, n, k0, H, I, GROUP, BLOCK_K)
+                part += int4_gemv_step(q_base, s_base, z_base, a_row, n, k0, H, QK, NG, GROUP, BLOCK_K)
             else:
-                part += int8_gemv_step(q_base, s_base, a_row, n, k0, H, I, GROUP, BLOCK_K)
+                part += int8_gemv_step(q_base, s_base, a_row, n, k0, H, QK, NG, GROUP, BLOCK_K)
         acc += wt * part
     tl.store(out_ptr + tok * stride_ot + n, acc.to(out_ptr.dtype.element_ty), mask=n < H)
 
@@ -122,11 +122,6 @@ def check_quantized(qw: QuantizedWeight, name: str) -> None:
             raise MoEInputError(f"{name}: {part} must be contiguous")
 
 
-def _block_k(cfg_bk: int, k: int, group: int, bits: int) -> int:
-    # never wider than the (power-of-two rounded) row; int4 needs an even split into nibble halves
-    return max(min(cfg_bk, triton.next_power_of_2(k)), 4 if bits == 4 else 2)
-
-
 def _output(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
             name: str, rows_strided: bool = False) -> torch.Tensor:
     """A fresh buffer, or the caller's after checking it matches."""
@@ -145,15 +140,39 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _fill_gpu_bn(bn: int, rows: int, other_programs: int, device: torch.device) -> int:
-    """Halve BLOCK_N (down to 4) until the grid has >= 4 programs per SM: at T = 1 the grid is
-    small, and a GEMV only reaches the bandwidth limit when every SM has loads in flight."""
+def device_sms(device: torch.device) -> int | None:
+    """The SM count of a CUDA device; None elsewhere (the interpreter keeps the table's tiles)."""
     if device.type != "cuda":
-        return bn
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    while bn > 4 and other_programs * triton.cdiv(rows, bn) < target:
-        bn //= 2
-    return bn
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def decode_tiles(cfg: dict, rows: int, k: int, bits: int, other_programs: int,
+                 sms: int | None) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of a decode launch over ``rows`` output rows of length ``k``.
+
+    The table's tiles, clipped to the matrix. With an SM count (CUDA), BLOCK_N is halved (down
+    to 4) until the grid has >= 4 programs per SM, since at T = 1 the grid is small and a GEMV
+    only nears the bandwidth limit when every SM has loads in flight; each halving doubles
+    BLOCK_K (up to the row), so a program's tile keeps its size: each thread still issues
+    128-bit loads and the bytes in flight across the GPU grow with the grid instead of staying
+    put. aot.py compiles these T = 1 shapes too.
+    """
+    k_max = triton.next_power_of_2(k)
+    bn = min(cfg["BLOCK_N"], triton.next_power_of_2(rows))
+    # int4 needs an even split into nibble halves
+    bk = max(min(cfg["BLOCK_K"], k_max), 4 if bits == 4 else 2)
+    if sms:
+        while bn > 4 and other_programs * triton.cdiv(rows, bn) < 4 * sms:
+            bn //= 2
+            bk = max(min(2 * bk, k_max), bk)
+    return bn, bk
+
+
+def row_lengths(qw: QuantizedWeight) -> tuple[int, int]:
+    """(qweight row length, groups per row): passed as arguments so that Triton can see they
+    are multiples of 16 (aligned 128-bit loads), see quant_tiles."""
+    return qw.qweight.shape[-1], qw.scales.shape[-1]
 
 
 def _zeros_arg(qw: QuantizedWeight) -> torch.Tensor:
@@ -174,12 +193,11 @@ def gate_up_gemv(x: torch.Tensor, ids: torch.Tensor, w13: QuantizedWeight, confi
     act = _output(out, (t * top_k, inter), x.dtype, x.device, "gate_up_gemv")
     if t == 0:
         return act
-    bn = _fill_gpu_bn(min(cfg["BLOCK_N"], triton.next_power_of_2(inter)), inter, t * top_k, x.device)
-    bk = _block_k(cfg["BLOCK_K"], h, w13.group_size, w13.bits)
+    bn, bk = decode_tiles(cfg, inter, h, w13.bits, t * top_k, device_sms(x.device))
     grid = (t * top_k, triton.cdiv(inter, bn))
     _gate_up_gemv_kernel[grid](
         x, ids.reshape(-1), w13.qweight, w13.scales, _zeros_arg(w13), act,
-        inter, h, x.stride(0),
+        inter, h, x.stride(0), *row_lengths(w13),
         TOP_K=top_k, BITS=w13.bits, GROUP=w13.group_size, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return act
@@ -198,12 +216,11 @@ def down_gemv(act: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w2: Q
     out = _output(out, (t, h), out_dtype, act.device, "down_gemv", rows_strided=True)
     if t == 0:
         return out
-    bn = _fill_gpu_bn(min(cfg["BLOCK_N"], triton.next_power_of_2(h)), h, t, act.device)
-    bk = _block_k(cfg["BLOCK_K"], inter, w2.group_size, w2.bits)
+    bn, bk = decode_tiles(cfg, h, inter, w2.bits, t, device_sms(act.device))
     grid = (t, triton.cdiv(h, bn))
     _down_gemv_kernel[grid](
         act, ids.reshape(-1), weights.reshape(-1).float().contiguous(), w2.qweight, w2.scales, _zeros_arg(w2), out,
-        h, inter, out.stride(0),
+        h, inter, out.stride(0), *row_lengths(w2),
         TOP_K=top_k, BITS=w2.bits, GROUP=w2.group_size, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

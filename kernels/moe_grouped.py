@@ -28,40 +28,54 @@ import triton.language as tl
 from molmoe_lite.quantize.format import QuantizedWeight
 
 from .configs import get_config
-from .moe_gemv import _output, _zeros_arg, check_quantized
+from .moe_gemv import _output, _zeros_arg, check_quantized, row_lengths
 from .quant_tiles import dequant_int4_tile, dequant_int8_tile
 from .reference import check_moe_inputs
 from .routing import ExpertGrouping, group_by_expert
 
 
 @triton.jit
+def _dot_quantized(a, acc, q_base, s_base, z_base, wn, k0, N_W, QK, NG,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    # acc + a [BM, BK] @ W[wn, k0:k0+BK]^T, the weight tile dequantised in registers; int4 takes
+    # a's even and odd columns against the low and high nibbles
+    if BITS == 4:
+        a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2] byte columns
+        w_lo, w_hi = dequant_int4_tile(q_base, s_base, z_base, wn, j[:, None], k0, N_W, QK, NG, GROUP, BLOCK_K)
+        acc = tl.dot(a_even, w_lo.to(a.dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(a_odd, w_hi.to(a.dtype), acc, input_precision=PRECISION)
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        w = dequant_int8_tile(q_base, s_base, wn, k[:, None], k0, N_W, QK, NG, GROUP, BLOCK_K)
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _grouped_matmul_tile(a_ptr, a_rows, m_ok, stride_a,  # A rows: [BM] row offsets into a_ptr
-                         q_base, s_base, z_base, n_w, N_W, KDIM,
-                         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                         q_base, s_base, z_base, n_w, n_w2, N_W, KDIM, QK, NG,
+                         TWO: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    # returns A[rows, :KDIM] @ W[n_w, :KDIM]^T as fp32 [BM, BN]; W is [N_W, KDIM] quantised
+    # returns (A[rows, :KDIM] @ W[n_w, :KDIM]^T, A[rows] @ W[n_w2]^T if TWO else zeros), fp32 [BM, BN]
+    # each; W is [N_W, KDIM] quantised, QK codes and NG groups per row (quant_tiles: why they are
+    # arguments). TWO serves gate and up from one load of A per K-step.
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a_row_ptr = a_ptr + a_rows[:, None] * stride_a  # [BM, 1]
     wn = n_w[None, :]  # [1, BN]: tiles come out [BK, BN], the B operand of tl.dot
-    if BITS == 4:
-        jj = tl.arange(0, BLOCK_K // 2)
-        for k0 in range(0, KDIM, BLOCK_K):
-            j = k0 // 2 + jj  # [BK/2] byte columns
-            a_mask = m_ok[:, None] & (2 * j[None, :] < KDIM)
-            a_even = tl.load(a_row_ptr + 2 * j[None, :], mask=a_mask, other=0.0)
-            a_odd = tl.load(a_row_ptr + 2 * j[None, :] + 1, mask=a_mask, other=0.0)
-            w_lo, w_hi = dequant_int4_tile(q_base, s_base, z_base, wn, j[:, None], k0, N_W, KDIM,
-                                           GROUP, BLOCK_K)
-            acc = tl.dot(a_even, w_lo.to(a_even.dtype), acc, input_precision=PRECISION)
-            acc = tl.dot(a_odd, w_hi.to(a_odd.dtype), acc, input_precision=PRECISION)
-    else:
-        kk = tl.arange(0, BLOCK_K)
-        for k0 in range(0, KDIM, BLOCK_K):
-            k = k0 + kk
-            a = tl.load(a_row_ptr + k[None, :], mask=m_ok[:, None] & (k[None, :] < KDIM), other=0.0)
-            w = dequant_int8_tile(q_base, s_base, wn, k[:, None], k0, N_W, KDIM, GROUP, BLOCK_K)
-            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
-    return acc
+    wn2 = n_w2[None, :]
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, KDIM, BLOCK_K):
+        k = k0 + kk
+        # contiguous rows: 128-bit loads, pipelined through shared memory (int4 splits them into
+        # even and odd columns in registers; strided loads of each half would be 2-byte gathers)
+        a = tl.load(a_row_ptr + k[None, :], mask=m_ok[:, None] & (k[None, :] < KDIM), other=0.0)
+        acc = _dot_quantized(a, acc, q_base, s_base, z_base, wn, k0, N_W, QK, NG, BITS, GROUP, BLOCK_K, PRECISION)
+        if TWO:
+            acc2 = _dot_quantized(a, acc2, q_base, s_base, z_base, wn2, k0, N_W, QK, NG,
+                                  BITS, GROUP, BLOCK_K, PRECISION)
+    return acc, acc2
 
 
 @triton.jit
@@ -71,6 +85,7 @@ def _gate_up_grouped_kernel(x_ptr,  # [T, H] activations, row stride stride_xt
                             qw_ptr, s_ptr, z_ptr,  # w13: [E, 2I, H/2 | H], [E, 2I, H/G] x2
                             act_ptr,  # [T*K, I] out, x's dtype
                             E, I, H, stride_xt,
+                            QK, NG,  # w13 qweight row length (H/2 | H), groups per row (H/G)
                             TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             PRECISION: tl.constexpr):
@@ -85,19 +100,15 @@ def _gate_up_grouped_kernel(x_ptr,  # [T, H] activations, row stride stride_xt
     pair = tl.load(pairs_ptr + r, mask=m_ok, other=0)
     tok = (pair // TOP_K).to(tl.int64)
     n_rows = 2 * I
-    ng = H // GROUP
-    qcols = H // 2 if BITS == 4 else H
-    q_base = qw_ptr + e * n_rows * qcols
-    s_base = s_ptr + e * n_rows * ng
-    z_base = z_ptr + e * n_rows * ng
+    q_base = qw_ptr + e * n_rows * QK
+    s_base = s_ptr + e * n_rows * NG
+    z_base = z_ptr + e * n_rows * NG
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < I
     n_gate = tl.where(n_ok, n, n_rows)  # rows >= 2I load nothing
     n_up = tl.where(n_ok, n + I, n_rows)
-    g = _grouped_matmul_tile(x_ptr, tok, m_ok, stride_xt, q_base, s_base, z_base, n_gate, n_rows, H,
-                             BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    u = _grouped_matmul_tile(x_ptr, tok, m_ok, stride_xt, q_base, s_base, z_base, n_up, n_rows, H,
-                             BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    g, u = _grouped_matmul_tile(x_ptr, tok, m_ok, stride_xt, q_base, s_base, z_base, n_gate, n_up, n_rows, H,
+                                QK, NG, True, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     act = g * tl.sigmoid(g) * u
     out = act_ptr + pair.to(tl.int64)[:, None] * I + n[None, :]
     tl.store(out, act.to(act_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -110,6 +121,7 @@ def _down_grouped_kernel(act_ptr,  # [T*K, I] x's dtype
                          qw_ptr, s_ptr, z_ptr,  # w2: [E, H, I/2 | I], [E, H, I/G] x2
                          y_ptr,  # [T*K, H] out: weighted expert output per pair
                          E, H, I,
+                         QK, NG,  # w2 qweight row length (I/2 | I), groups per row (I/G)
                          BITS: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PRECISION: tl.constexpr):
@@ -122,14 +134,12 @@ def _down_grouped_kernel(act_ptr,  # [T*K, I] x's dtype
     r = tl.load(blk_r0_ptr + blk) + tl.arange(0, BLOCK_M)
     m_ok = r < tl.load(blk_r1_ptr + blk)
     pair = tl.load(pairs_ptr + r, mask=m_ok, other=0).to(tl.int64)
-    ng = I // GROUP
-    qcols = I // 2 if BITS == 4 else I
-    q_base = qw_ptr + e * H * qcols
-    s_base = s_ptr + e * H * ng
-    z_base = z_ptr + e * H * ng
+    q_base = qw_ptr + e * H * QK
+    s_base = s_ptr + e * H * NG
+    z_base = z_ptr + e * H * NG
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    y = _grouped_matmul_tile(act_ptr, pair, m_ok, I, q_base, s_base, z_base, n, H, I,
-                             BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    y, _ = _grouped_matmul_tile(act_ptr, pair, m_ok, I, q_base, s_base, z_base, n, n, H, I, QK, NG,
+                                False, BITS, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     wt = tl.load(w_ptr + pair, mask=m_ok, other=0.0)
     y = y * wt[:, None]
     out = y_ptr + pair[:, None] * H + n[None, :]
@@ -162,7 +172,7 @@ def gate_up_grouped(x: torch.Tensor, grouping: ExpertGrouping, top_k: int, w13: 
     _gate_up_grouped_kernel[grid](
         x, grouping.sorted_pairs, grouping.block_expert, grouping.block_row0, grouping.block_row_end,
         w13.qweight, w13.scales, _zeros_arg(w13), act,
-        n_exp, inter, h, x.stride(0),
+        n_exp, inter, h, x.stride(0), *row_lengths(w13),
         TOP_K=top_k, BITS=w13.bits, GROUP=w13.group_size,
         BLOCK_M=grouping.block_m, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -187,7 +197,7 @@ def down_grouped(act: torch.Tensor, weights: torch.Tensor, grouping: ExpertGroup
         act, weights.reshape(-1).float().contiguous(),
         grouping.sorted_pairs, grouping.block_expert, grouping.block_row0, grouping.block_row_end,
         w2.qweight, w2.scales, _zeros_arg(w2), y,
-        n_exp, h, inter,
+        n_exp, h, inter, *row_lengths(w2),
         BITS=w2.bits, GROUP=w2.group_size,
         BLOCK_M=grouping.block_m, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(act.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

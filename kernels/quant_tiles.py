@@ -12,6 +12,12 @@ tiles, even and odd k, so a byte is loaded once and never re-interleaved: caller
 them by the even/odd columns of the activations. When a K-step lies inside one group
 (G % BLOCK_K == 0) the scales are one value per row, loaded once per step; otherwise
 (G < BLOCK_K or G not a power of two, e.g. per-channel G = K) they are gathered per element.
+
+Row lengths come in as kernel arguments (``kh`` bytes per int4 row, ``ng`` groups per row), never
+computed inside the kernel as K // 2 or K // G: Triton specialises an integer argument that is a
+multiple of 16, and only then does it know that a row starts 16-byte aligned and issue 128-bit
+loads (and cp.async copies). From K % 16 == 0 alone it can prove K // 2 % 8 == 0 and no more,
+which halves the load width of the int4 weights (see kernels/aot.py's load-width report).
 """
 
 from __future__ import annotations
@@ -21,12 +27,10 @@ import triton.language as tl
 
 
 @triton.jit
-def dequant_int4_tile(qw_ptr, s_ptr, z_ptr, n, j, k0, N, K,
+def dequant_int4_tile(qw_ptr, s_ptr, z_ptr, n, j, k0, N, kh, ng,
                       GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    # qw_ptr: uint8 [N, K // 2]; s_ptr, z_ptr: fp16 [N, K // G]
+    # qw_ptr: uint8 [N, kh = K // 2]; s_ptr, z_ptr: fp16 [N, ng = K // G]
     # n: rows, j: byte columns (absolute), broadcastable to the tile; k0: first k of this step
-    kh = K // 2
-    ng = K // GROUP
     row_ok = n < N
     mask = row_ok & (j < kh)
     b = tl.load(qw_ptr + n * kh + j, mask=mask, other=0)
@@ -44,10 +48,9 @@ def dequant_int4_tile(qw_ptr, s_ptr, z_ptr, n, j, k0, N, K,
 
 
 @triton.jit
-def dequant_int8_tile(qw_ptr, s_ptr, n, k, k0, N, K,
+def dequant_int8_tile(qw_ptr, s_ptr, n, k, k0, N, K, ng,
                       GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    # qw_ptr: int8 [N, K]; s_ptr: fp16 [N, K // G]
-    ng = K // GROUP
+    # qw_ptr: int8 [N, K]; s_ptr: fp16 [N, ng = K // G]
     row_ok = n < N
     mask = row_ok & (k < K)
     q = tl.load(qw_ptr + n * K + k, mask=mask, other=0).to(tl.float32)
@@ -69,11 +72,9 @@ def dequant_int8_tile(qw_ptr, s_ptr, n, k, k0, N, K,
 
 
 @triton.jit
-def int4_gemv_step(q_base, s_base, z_base, x_row, rows, k0, N, K,
+def int4_gemv_step(q_base, s_base, z_base, x_row, rows, k0, N, kh, ng,
                    GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    # q_base: uint8 [N, K/2]; s_base, z_base: fp16 [N, K/G]; x_row: [K]; rows: [BN]
-    kh = K // 2
-    ng = K // GROUP
+    # q_base: uint8 [N, kh = K/2]; s_base, z_base: fp16 [N, ng = K/G]; x_row: [K]; rows: [BN]
     row_ok = rows < N
     if GROUP % BLOCK_K == 0:  # the whole step lies in one group: one (s, z) per row
         j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2]
@@ -107,15 +108,15 @@ def int4_gemv_step(q_base, s_base, z_base, x_row, rows, k0, N, K,
         j_ok = j < kh
         xe = tl.load(x_row + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
         xo = tl.load(x_row + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
-        w_lo, w_hi = dequant_int4_tile(q_base, s_base, z_base, rows[:, None], j[None, :], k0, N, K, GROUP, BLOCK_K)
+        w_lo, w_hi = dequant_int4_tile(q_base, s_base, z_base, rows[:, None], j[None, :], k0, N, kh, ng, GROUP,
+                                       BLOCK_K)
         return tl.sum(w_lo * xe[None, :] + w_hi * xo[None, :], axis=1)
 
 
 @triton.jit
-def int8_gemv_step(q_base, s_base, x_row, rows, k0, N, K,
+def int8_gemv_step(q_base, s_base, x_row, rows, k0, N, K, ng,
                    GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    # q_base: int8 [N, K]; s_base: fp16 [N, K/G]; x_row: [K]; rows: [BN]
-    ng = K // GROUP
+    # q_base: int8 [N, K]; s_base: fp16 [N, ng = K/G]; x_row: [K]; rows: [BN]
     row_ok = rows < N
     if GROUP % BLOCK_K == 0:
         k = k0 + tl.arange(0, BLOCK_K)
@@ -140,5 +141,5 @@ def int8_gemv_step(q_base, s_base, x_row, rows, k0, N, K,
     else:
         k = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        w = dequant_int8_tile(q_base, s_base, rows[:, None], k[None, :], k0, N, K, GROUP, BLOCK_K)
+        w = dequant_int8_tile(q_base, s_base, rows[:, None], k[None, :], k0, N, K, ng, GROUP, BLOCK_K)
         return tl.sum(w * xv[None, :], axis=1)

@@ -5,8 +5,10 @@ GPU has would pass the CPU tests and fail on the card. kernels/aot.py compiles e
 through Triton's real compiler (GPUTarget, ptxas from the triton wheel, no GPU needed) at
 MolmoE's constants and reports its shared memory; this test runs it once, in a subprocess
 (the interpreter choice is fixed when triton is imported, and this session interprets), and
-checks every (kernel, arch, bits) against the architecture's per-block limit.
-Also: config-table sanity and the MOLMOE_LITE_KERNEL_CONFIG pin.
+checks every (kernel, arch, bits) against the architecture's per-block limit, and how the PTX
+reads memory: the decode kernels (as shipped and as launched at T = 1) with 128-bit weight loads,
+the grouped kernels software-pipelined through cp.async where the architecture has it.
+Also: config-table sanity, decode_tiles, and the MOLMOE_LITE_KERNEL_CONFIG pin.
 """
 
 import json
@@ -17,14 +19,16 @@ import sys
 import pytest
 
 from molmoe_lite.kernels import aot, configs
+from molmoe_lite.kernels.moe_gemv import decode_tiles
 
 ARCHS = sorted(configs.CONFIGS)
-JOBS = [(j["kernel"], j["cap"], j["bits"]) for j in aot.job_list(ARCHS, [4, 8])]
+JOBS = [(j["kernel"], j["cap"], j["bits"], j["shape"]) for j in aot.job_list(ARCHS, [4, 8])]
+IDS = [f"sm_{c}-{k}-{s}-int{b}" for k, c, b, s in JOBS]
 
 
 @pytest.fixture(scope="module")
 def aot_results():
-    """(kernel, cap, bits) -> result dict, from one `python -m molmoe_lite.kernels.aot --json` run."""
+    """(kernel, cap, bits, shape) -> result dict, from one `python -m molmoe_lite.kernels.aot --json` run."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="0")
     # about 45 compiles at ~1-2 s each; two processes halve the wall time on this 2-core machine
@@ -36,19 +40,54 @@ def aot_results():
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             r = json.loads(line)
-            results[(r["kernel"], r["cap"], r["bits"])] = r
+            results[(r["kernel"], r["cap"], r["bits"], r["shape"])] = r
     assert results, f"aot produced no results (exit {proc.returncode}): {proc.stderr[-2000:]}"
     return results
 
 
-@pytest.mark.parametrize("kernel,cap,bits", JOBS, ids=[f"sm_{c}-{k}-int{b}" for k, c, b in JOBS])
-def test_kernel_compiles_within_shared_memory(aot_results, kernel, cap, bits):
-    r = aot_results.get((kernel, cap, bits))
+@pytest.mark.parametrize("kernel,cap,bits,shape", JOBS, ids=IDS)
+def test_kernel_compiles_within_shared_memory(aot_results, kernel, cap, bits, shape):
+    r = aot_results.get((kernel, cap, bits, shape))
     assert r is not None, "job missing from the aot output"
     assert "error" not in r, f"{kernel} int{bits} does not compile for sm_{cap}: {r.get('error')}"
     assert r["has_cubin"]
     assert r["shared"] <= configs.SMEM_LIMIT[cap], (
         f"{kernel} int{bits} on sm_{cap}: {r['shared']} B shared memory > limit {configs.SMEM_LIMIT[cap]} B")
+    if "decode" in kernel:
+        # batch-1 decode is a weight stream: every thread's share of a tile is one 128-bit load
+        assert r["load_bytes"] == 16, f"{kernel} {shape} {r['tiles']}: widest load {r['load_bytes']} B, want 16"
+    if "grouped" in kernel and cap >= 80:  # cp.async exists from sm_80 on
+        assert r["async_copies"] > 0, f"{kernel} int{bits} on sm_{cap}: tile loop not pipelined (no cp.async)"
+
+
+def test_ptx_memory_ops_reads_load_widths():
+    ptx = """ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    @%p1 ld.global.L1::evict_last.v2.b32 { %r5, %r6 }, [ %rd2 + 0 ];
+    ld.global.b16 %rs1, [ %rd3 + 0 ];
+    cp.async.cg.shared.global [ %r7 + 0 ], [ %rd4 + 0 ], 0x10, %r8;
+    cp.async.ca.shared.global [ %r9 + 0 ], [ %rd5 + 0 ], 0x4, %r10;"""
+    assert aot.ptx_memory_ops(ptx) == {"load_bytes": 16, "async_copies": 2}
+    assert aot.ptx_memory_ops("ld.global.b16 %rs1, [ %rd3 + 0 ];") == {"load_bytes": 2, "async_copies": 0}
+
+
+DOWN_CFG = {"BLOCK_N": 8, "BLOCK_K": 512}  # shapes of the shipped sm_80+ decode tables
+GATE_UP_CFG = {"BLOCK_N": 16, "BLOCK_K": 256}
+
+
+@pytest.mark.parametrize("name,cfg,rows,k,bits,programs,sms,want", [
+    ("cpu-keeps-table", DOWN_CFG, 2048, 1024, 4, 1, None, (8, 512)),
+    ("small-matrix-clips", DOWN_CFG, 24, 40, 4, 1, None, (8, 64)),
+    ("h100-down-T1", DOWN_CFG, 2048, 1024, 4, 1, 132, (4, 1024)),  # 256 -> 512 programs
+    ("h100-gate_up-T1", GATE_UP_CFG, 1024, 2048, 4, 8, 132, (8, 512)),  # 512 -> 1024 programs
+    ("h100-gate_up-T4", GATE_UP_CFG, 1024, 2048, 4, 32, 132, (16, 256)),  # 2048 programs: table kept
+    ("laptop-down-T1", DOWN_CFG, 2048, 1024, 4, 1, 24, (8, 512)),
+    ("row-caps-block_k", DOWN_CFG, 2048, 512, 8, 1, 132, (4, 512)),
+])
+def test_decode_tiles_trade_block_n_for_block_k(name, cfg, rows, k, bits, programs, sms, want):
+    bn, bk = decode_tiles(cfg, rows, k, bits, programs, sms)
+    assert (bn, bk) == want
+    if sms:  # enough programs, or BLOCK_N at its floor
+        assert programs * -(-rows // bn) >= 4 * sms or bn == 4
 
 
 def test_every_table_is_complete():
