@@ -84,6 +84,23 @@ def _fill_quantized_(mod, g: torch.Generator) -> None:
     mod.scales.fill_(k**-0.5 / _CODE_STD[mod.bits])
 
 
+def random_expert_stack(bits: int, experts: int, n: int, k: int, device: torch.device,
+                        gen: torch.Generator, group_size: int | None = 64):
+    """A random format-v1 ``QuantizedWeight`` [experts, n, k] (group ``group_size``; None: per
+    channel), filled like ``_fill_quantized_``; for the kernel benchmarks."""
+    from molmoe_lite.quantize.format import QuantizedWeight
+
+    g = min(group_size or k, k)
+    if bits == 4:
+        qw = torch.randint(0, 256, (experts, n, k // 2), dtype=torch.uint8, device=device, generator=gen)
+        zeros = torch.full((experts, n, k // g), 7.5, dtype=torch.float16, device=device)
+    else:
+        qw = torch.randint(-127, 128, (experts, n, k), dtype=torch.int8, device=device, generator=gen)
+        zeros = None
+    scales = torch.full((experts, n, k // g), k**-0.5 / _CODE_STD[bits], dtype=torch.float16, device=device)
+    return QuantizedWeight(qw, scales, zeros, bits, g, (experts, n, k))
+
+
 def build_model(
     cfg: MolmoeConfig,
     device: str | torch.device = "cuda",

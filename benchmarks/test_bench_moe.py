@@ -9,7 +9,10 @@ include routing, grouping and the top-k reduction: the comparison is biased agai
 
 Method: weights for 16 layers are resident and every timed pass runs the layer once per
 weight set, so the 50 MB L2 of an H100 cannot hold them; time per layer from CUDA events
-(median of rounds). Bytes read = weights (+ scales/zeros) of the experts that got tokens plus
+(median of rounds). Our kernels and torch._grouped_mm never sync with the host, so a pass is
+captured in a CUDA graph and replayed (``gpu_check.time_us``; at T = 1 eager timing would
+measure Python's launch overhead); the per-expert loops sync (unique, nonzero) and run eagerly,
+as the release runs them. ``timing`` in each record says which. Bytes read = weights (+ scales/zeros) of the experts that got tokens plus
 activations in and out; GB/s and the fraction of the measured device copy bandwidth (copy
 counted as read + written) go to ``extra_info``, and a fraction above 1 fails the run.
 Each test also prints one ``MOE_BENCH {json}`` line and, when MOLMOE_BENCH_RESULTS names a
@@ -33,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from molmoe_lite.kernels.fused_moe import fused_moe, kernels_available  # noqa: E402
 from molmoe_lite.kernels.reference import route  # noqa: E402
-from molmoe_lite.quantize.format import QuantizedWeight  # noqa: E402
+from _synthetic import random_expert_stack  # noqa: E402  (benchmarks/ is on sys.path under pytest)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 if CUDA:
@@ -47,19 +50,7 @@ else:
     LAYERS, ROUNDS = 1, 1
     DTYPE = torch.float32  # the interpreter's bf16 tl.dot is wrong (DESIGN.md)
 PROVIDERS = ["int4", "int8", "bf16_loop", "bf16_grouped_mm", "nf4_loop"]
-
-
-def _random_quantized(bits: int, n: int, k: int, gen: torch.Generator) -> QuantizedWeight:
-    """Random codes and plausible scales in format v1 (the timing does not depend on values)."""
-    g = min(64, k) if bits == 4 else k
-    if bits == 4:
-        qw = torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=DEVICE, generator=gen)
-        zeros = torch.full((E, n, k // g), 7.5, dtype=torch.float16, device=DEVICE)
-    else:
-        qw = torch.randint(-127, 128, (E, n, k), dtype=torch.int8, device=DEVICE, generator=gen)
-        zeros = None
-    scales = torch.full((E, n, k // g), 0.02 / (8 if bits == 4 else 127) * 4, dtype=torch.float16, device=DEVICE)
-    return QuantizedWeight(qw, scales, zeros, bits, g, (E, n, k))
+CAPTURABLE = {"int4", "int8", "bf16_grouped_mm"}  # no host syncs: timed by CUDA-graph replay
 
 
 class Layers:
@@ -72,7 +63,9 @@ class Layers:
         for _ in range(LAYERS):
             if provider in ("int4", "int8"):
                 bits = 4 if provider == "int4" else 8
-                self.sets.append((_random_quantized(bits, 2 * I, H, gen), _random_quantized(bits, H, I, gen)))
+                group = 64 if bits == 4 else None  # int8: per channel
+                self.sets.append((random_expert_stack(bits, E, 2 * I, H, DEVICE, gen, group),
+                                  random_expert_stack(bits, E, H, I, DEVICE, gen, group)))
             else:
                 w13 = (torch.randn(E, 2 * I, H, device=DEVICE, generator=gen) * H**-0.5).to(DTYPE)
                 w2 = (torch.randn(E, H, I, device=DEVICE, generator=gen) * I**-0.5).to(DTYPE)
@@ -147,21 +140,13 @@ def _make_step(provider: str, layers: Layers, x: torch.Tensor, logits: torch.Ten
 
 
 @pytest.fixture(scope="module")
-def copy_gbps():
+def copy_gbps():  # gpu_check is importable: pytest puts benchmarks/ on sys.path
     """Device copy bandwidth (read + written), the ceiling for bw_fraction."""
     if not CUDA:
         return None
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
+    from gpu_check import measure_copy
+
+    return measure_copy()["copy_gbps"]
 
 
 _LAYER_CACHE: dict[str, Layers] = {}
@@ -202,25 +187,19 @@ def test_moe_layer(benchmark, provider, t, copy_gbps):
             step(w)
 
     if CUDA:
-        one_pass()  # warm-up (compiles, allocator)
-        times = []
-        for _ in range(ROUNDS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            one_pass()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / LAYERS)
-        us = sorted(times)[len(times) // 2]
-        benchmark.pedantic(lambda: (one_pass(), torch.cuda.synchronize()), rounds=3, iterations=1)
+        from gpu_check import time_us
+
+        us_pass, timing, run = time_us(one_pass, ROUNDS, graph=provider in CAPTURABLE)
+        us = us_pass / LAYERS
+        benchmark.pedantic(lambda: (run(), torch.cuda.synchronize()), rounds=3, iterations=1)
     else:
         benchmark(one_pass)
-        us = None
+        us, timing = None, "interpreter"
 
     n_used = len(torch.unique(route(logits, K)[1]))
     bytes_read = n_used * layers.expert_bytes() + 2 * t * H * x.element_size()
     rec = {"provider": provider, "bits": {"int4": 4, "int8": 8, "nf4_loop": 4}.get(provider, torch.finfo(DTYPE).bits),
-           "T": t,
+           "T": t, "timing": timing,
            "us": us, "bytes": bytes_read, "experts_used": n_used,
            "gbps": bytes_read / (us * 1e-6) / 1e9 if us else None,
            "device": torch.cuda.get_device_name() if CUDA else "cpu (interpreter smoke test)"}

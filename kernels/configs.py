@@ -8,7 +8,9 @@ architecture through Triton's ahead-of-time path and checks the shared memory it
 
 Pinning: ``MOLMOE_LITE_KERNEL_CONFIG`` is either an architecture name (``sm_80``: use that table
 on any device) or a JSON object of per-kernel overrides merged over the detected table, e.g.
-``{"down_decode": {"BLOCK_N": 16}, "decode_max_tokens": 4}``.
+``{"down_decode": {"BLOCK_N": 16}, "decode_max_tokens": 4}``. The decode kernels' tiles are
+adapted to the GPU's SM count at launch (moe_gemv.decode_tiles) unless the pin adds
+``"fill_sms": 0``, e.g. ``{"down_decode": {"BLOCK_N": 4, "BLOCK_K": 1024, "fill_sms": 0}}``.
 """
 
 from __future__ import annotations

@@ -156,13 +156,14 @@ def decode_tiles(cfg: dict, rows: int, k: int, bits: int, other_programs: int,
     only nears the bandwidth limit when every SM has loads in flight; each halving doubles
     BLOCK_K (up to the row), so a program's tile keeps its size: each thread still issues
     128-bit loads and the bytes in flight across the GPU grow with the grid instead of staying
-    put. aot.py compiles these T = 1 shapes too.
+    put. aot.py compiles these T = 1 shapes too. A config with ``"fill_sms": 0`` is launched
+    exactly as given (benchmarks/sweep_decode.py, or a pin in MOLMOE_LITE_KERNEL_CONFIG).
     """
     k_max = triton.next_power_of_2(k)
     bn = min(cfg["BLOCK_N"], triton.next_power_of_2(rows))
     # int4 needs an even split into nibble halves
     bk = max(min(cfg["BLOCK_K"], k_max), 4 if bits == 4 else 2)
-    if sms:
+    if sms and cfg.get("fill_sms", 1):
         while bn > 4 and other_programs * triton.cdiv(rows, bn) < 4 * sms:
             bn //= 2
             bk = max(min(2 * bk, k_max), bk)

@@ -3,7 +3,8 @@
 bench_e2e.py: a clean skip record without CUDA, its whole logic on the tiny config with
 ``--smoke``, and the bandwidth floor's byte count against a count written out from the
 config; plot_results.py: PNGs from synthetic records when matplotlib is importable, a
-clear message when it is not; gpu_check.py: the env stage writes env.json.
+clear message when it is not; gpu_check.py: the env stage writes env.json; sweep_decode.py:
+its launch path on tiny shapes under the interpreter and the choice of the best candidate.
 """
 
 import json
@@ -192,3 +193,40 @@ def test_gpu_check_sh_timeouts_fit_the_budget():
             timeouts.append(int(m.group(1)))
     assert sum(timeouts) <= 450, timeouts
     assert "dense-model" not in (BENCH / "gpu_check.sh").read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# sweep_decode.py
+# ---------------------------------------------------------------------------------------
+def test_sweep_decode_smoke_launches_every_kernel_bits_and_batch(tmp_path):
+    res = _run([BENCH / "sweep_decode.py", "--smoke", "--out", tmp_path], timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = _records(tmp_path / "decode_sweep.jsonl")
+    assert not [r for r in recs if "error" in r]
+    cases = {(r["kernel"], r["bits"], r["T"]) for r in recs}
+    assert cases == {(k, b, t) for k in ("gate_up_decode", "down_decode") for b in (4, 8) for t in (1, 4)}
+    assert all(sum(r["shipped"] for r in recs if (r["kernel"], r["bits"], r["T"]) == c) == 1 for c in cases)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["records"] == len(recs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the skip path is for machines without CUDA")
+def test_sweep_decode_without_cuda_says_so(tmp_path):
+    res = _run([BENCH / "sweep_decode.py", "--out", tmp_path])
+    assert res.returncode == 0 and "no CUDA" in res.stdout
+    assert not (tmp_path / "decode_sweep.jsonl").exists()
+
+
+def test_sweep_decode_candidates_and_best(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import sweep_decode
+
+    cands = sweep_decode.candidates(2048, 1024, (8, 512, 4))
+    assert cands[0] == (8, 512, 4) and len(set(cands)) == len(cands)
+    assert all(bn * bk // 2 == 16 * 32 * w for bn, bk, w in cands)  # one 128-bit int4 load per thread
+    assert all(bk <= 1024 for _, bk, _ in cands)
+    recs = [{"kernel": "down_decode", "bits": 4, "T": 1, "us": 9.0, "shipped": True},
+            {"kernel": "down_decode", "bits": 4, "T": 1, "us": 7.0, "shipped": False, "BLOCK_N": 4},
+            {"kernel": "down_decode", "bits": 4, "T": 1, "error": "no compile", "shipped": False},
+            {"kernel": "down_decode", "bits": 8, "T": 1, "us": None, "shipped": True}]
+    best = sweep_decode.best_per_case(recs)
+    assert best == [{**recs[1], "shipped_us": 9.0}]

@@ -82,11 +82,12 @@ GATE_UP_CFG = {"BLOCK_N": 16, "BLOCK_K": 256}
     ("h100-gate_up-T4", GATE_UP_CFG, 1024, 2048, 4, 32, 132, (16, 256)),  # 2048 programs: table kept
     ("laptop-down-T1", DOWN_CFG, 2048, 1024, 4, 1, 24, (8, 512)),
     ("row-caps-block_k", DOWN_CFG, 2048, 512, 8, 1, 132, (4, 512)),
+    ("pinned-exactly", {**DOWN_CFG, "fill_sms": 0}, 2048, 1024, 4, 1, 132, (8, 512)),
 ])
 def test_decode_tiles_trade_block_n_for_block_k(name, cfg, rows, k, bits, programs, sms, want):
     bn, bk = decode_tiles(cfg, rows, k, bits, programs, sms)
     assert (bn, bk) == want
-    if sms:  # enough programs, or BLOCK_N at its floor
+    if sms and cfg.get("fill_sms", 1):  # enough programs, or BLOCK_N at its floor
         assert programs * -(-rows // bn) >= 4 * sms or bn == 4
 
 

@@ -1,0 +1,182 @@
+"""Launch sweep of the two decode kernels on a GPU: which tiles read MolmoE's experts fastest.
+
+The shipped launch tables (kernels/configs.py) were chosen without a GPU. This times each
+decode kernel alone (gate+up with SwiGLU, and down with the top-k sum) at MolmoE's shapes for
+a set of candidate (BLOCK_N, BLOCK_K, num_warps), so one GPU run tells the next session which
+table entry to ship without spending more GPU time.
+
+Method: 16 layers' expert weights are resident (the 50 MB L2 of an H100 cannot hold them);
+one pass launches the kernel once per layer; passes are captured in a CUDA graph and replayed
+(``gpu_check.time_us``). Candidates are launched exactly as given (``fill_sms: 0``); the first
+of each (kernel, bits, T) is what the shipped table launches on this GPU (``shipped: true``).
+Candidates keep each thread's share of an int4 tile at one 128-bit load
+(BLOCK_N * BLOCK_K / 2 = 16 * 32 * num_warps). Bytes read: the codes, scales and zeros of the
+experts the tokens picked, plus activations in and out; ``bw_fraction`` is against the device's
+copy bandwidth (OUT/bandwidth.json when gpu_check wrote it, else measured here).
+
+Writes OUT/decode_sweep.jsonl (one record per candidate, appended as it is measured, so a run
+cut short still reports) and prints the best candidate per (kernel, bits, T). Stops starting
+new candidates after --budget-s seconds (first launches compile, which is most of the cost).
+``--smoke``: tiny shapes under the Triton interpreter on the CPU, two candidates, no timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE or not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _synthetic import random_expert_stack  # noqa: E402
+
+LAYERS = 16
+TOKENS = (1, 4)
+BITS = (4, 8)
+
+
+def candidates(rows: int, k: int, shipped: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """(BLOCK_N, BLOCK_K, num_warps): the shipped launch first, then every tile with one 128-bit
+    int4 load per thread that fits the matrix."""
+    out = [shipped]
+    for warps in (4, 8, 2):
+        for bn in (4, 8, 16, 32):
+            bk = 16 * 32 * warps * 2 // bn
+            if bn <= rows and 64 <= bk <= k and (bn, bk, warps) not in out:
+                out.append((bn, bk, warps))
+    return out
+
+
+def _expert_bytes(qw) -> int:
+    return qw.nbytes // qw.shape[0]
+
+
+def sweep(args) -> list[dict]:
+    from molmoe_lite.kernels.configs import get_config
+    from molmoe_lite.kernels.moe_gemv import decode_tiles, device_sms, down_gemv, gate_up_gemv
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    dev = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        e, k_top, h, inter, layers, dtype = 64, 8, 2048, 1024, LAYERS, torch.bfloat16
+        name = torch.cuda.get_device_name()
+        copy_gbps = _copy_gbps(args.out)
+    else:
+        e, k_top, h, inter, layers, dtype = 8, 2, 64, 32, 1, torch.float32
+        name, copy_gbps = "cpu (interpreter smoke test)", None
+    table = get_config(dev)
+    out_path = args.out / "decode_sweep.jsonl"
+    started = time.monotonic()
+    results = []
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for bits in BITS:
+        group = 64 if bits == 4 else None  # int8: per channel, as the converter writes it
+        w13s = [random_expert_stack(bits, e, 2 * inter, h, dev, gen, group) for _ in range(layers)]
+        w2s = [random_expert_stack(bits, e, h, inter, dev, gen, group) for _ in range(layers)]
+        for t in TOKENS:
+            x = torch.randn(t, h, device=dev, generator=gen).to(dtype)
+            # distinct experts per token (as the router gives), random across tokens
+            ids = torch.stack([torch.randperm(e, device=dev, generator=gen)[:k_top] for _ in range(t)]).to(torch.int32)
+            weights = torch.rand(t, k_top, device=dev, generator=gen)
+            act = torch.randn(t * k_top, inter, device=dev, generator=gen).to(dtype)
+            used = len(torch.unique(ids))
+            kernels = {
+                "gate_up_decode": (inter, h, t * k_top, w13s, lambda cfg, w: gate_up_gemv(x, ids, w, cfg),
+                                   used * _expert_bytes(w13s[0]) + x.nbytes + act.nbytes),
+                "down_decode": (h, inter, t, w2s, lambda cfg, w: down_gemv(act, weights, ids, w, dtype, cfg),
+                                used * _expert_bytes(w2s[0]) + act.nbytes + x.nbytes),
+            }
+            for kname, (rows, kdim, programs, ws, launch, nbytes) in kernels.items():
+                base = table[kname]
+                shipped = decode_tiles(base, rows, kdim, bits, programs, device_sms(dev)) + (base["num_warps"],)
+                cands = candidates(rows, kdim, shipped)
+                for i, (bn, bk, warps) in enumerate(cands[: None if cuda else 2]):
+                    if time.monotonic() - started > args.budget_s:
+                        print(f"sweep: budget of {args.budget_s:.0f} s spent, stopping", file=sys.stderr)
+                        return results
+                    cfg = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "fill_sms": 0}
+                    rec = {"kernel": kname, "bits": bits, "T": t, "BLOCK_N": bn, "BLOCK_K": bk,
+                           "num_warps": warps, "num_stages": base["num_stages"], "shipped": i == 0,
+                           "bytes": nbytes, "device": name}
+                    rec.update(_measure(launch, cfg, ws, nbytes, copy_gbps, cuda))
+                    results.append(rec)
+                    with out_path.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+        del w13s, w2s
+        if cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
+def _measure(launch, cfg: dict, ws: list, nbytes: int, copy_gbps: float | None, cuda: bool) -> dict:
+    def one_pass():
+        for w in ws:
+            launch(cfg, w)
+
+    try:
+        if not cuda:
+            one_pass()  # the interpreter: checks the launch path only
+            return {"us": None, "gbps": None, "bw_fraction": None}
+        from gpu_check import time_us
+
+        us = time_us(one_pass, rounds=10, graph=True)[0] / len(ws)
+    except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or launch is a result too
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    gbps = nbytes / (us * 1e-6) / 1e9
+    return {"us": us, "gbps": gbps, "bw_fraction": gbps / copy_gbps if copy_gbps else None}
+
+
+def _copy_gbps(out: Path) -> float:
+    bw = out / "bandwidth.json"
+    if bw.exists():
+        rec = json.loads(bw.read_text())
+        if rec.get("copy_gbps"):
+            return rec["copy_gbps"]
+    from gpu_check import measure_copy
+
+    return measure_copy()["copy_gbps"]
+
+
+def best_per_case(results: list[dict]) -> list[dict]:
+    """The fastest candidate per (kernel, bits, T), with the shipped one's time beside it."""
+    best: dict[tuple, dict] = {}
+    shipped: dict[tuple, float] = {}
+    for r in results:
+        if r.get("us") is None:
+            continue
+        key = (r["kernel"], r["bits"], r["T"])
+        if r["shipped"]:
+            shipped[key] = r["us"]
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    return [{**r, "shipped_us": shipped.get(key)} for key, r in best.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"), help="folder for decode_sweep.jsonl")
+    ap.add_argument("--budget-s", type=float, default=35.0, help="start no candidate after this many seconds")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter), no timing")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.smoke and not torch.cuda.is_available():
+        print(json.dumps({"stage": "decode-sweep", "skipped": "no CUDA device (use --smoke on the CPU)"}))
+        return 0
+    results = sweep(args)
+    for r in best_per_case(results):
+        print("BEST " + json.dumps(r))
+    print(json.dumps({"stage": "decode-sweep", "records": len(results),
+                      "errors": sum("error" in r for r in results), "out": str(args.out / "decode_sweep.jsonl")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
