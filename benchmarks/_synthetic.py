@@ -108,7 +108,7 @@ def build_model(
     quantized: Iterable[str] = (),
     bits: int = 4,
     group_size: int | None = 64,
-    cpu_modules: Iterable[str] = (),
+    small: bool = False,
     seed: int = 0,
 ):
     """A random-weight ``MolmoE`` on ``device``.
@@ -116,9 +116,10 @@ def build_model(
     ``quantized``: modules built directly as quantised ones (``api.quantize_structure``
     names: "experts", "attention", "lm_head"), so no dense copy ever exists: what a
     quantised checkpoint's ``load()`` gives. Empty: the dense model.
-    ``cpu_modules``: module names kept in CPU memory (e.g. "model.transformer.wte").
+    ``small``: also the ``small`` preset's structure (api.SMALL_PRESET's quantised linears,
+    api.SMALL_CPU_MODULES in CPU memory), as ``load(preset="small")`` builds it.
     """
-    from molmoe_lite.api import quantize_structure
+    from molmoe_lite.api import SMALL_CPU_MODULES, quantize_structure, small_preset_structure
     from molmoe_lite.model.molmoe import MolmoE
 
     with torch.device("meta"):
@@ -126,7 +127,9 @@ def build_model(
     quantized = list(quantized)
     if quantized:
         quantize_structure(model, bits, group_size, quantized)
-    _materialise(model, torch.device(device), cpu_modules)
+    if small:
+        small_preset_structure(model)
+    _materialise(model, torch.device(device), SMALL_CPU_MODULES if small else ())
     fill_random_(model, seed)
     return model.eval()
 
@@ -149,56 +152,6 @@ def tiny_processor(folder: str | Path):
 # ---------------------------------------------------------------------------------------
 # Swapping linears
 # ---------------------------------------------------------------------------------------
-def _decoder_linears(model, modules: Iterable[str]):
-    """(parent, attribute, full name) of the float linears named by ``modules``."""
-    modules = set(modules)
-    unknown = modules - {"attention", "experts", "lm_head"}
-    if unknown:
-        raise ValueError(f"unknown module groups {sorted(unknown)}; use attention, experts, lm_head")
-    for i, block in enumerate(model.model.transformer.blocks):
-        prefix = f"model.transformer.blocks.{i}"
-        if "attention" in modules:
-            for attr in ("att_proj", "attn_out"):
-                yield block.attn, attr, f"{prefix}.attn.{attr}"
-        if "experts" in modules:
-            for e, expert in enumerate(block.mlp.experts):
-                for attr in ("gate_proj", "up_proj", "down_proj"):
-                    yield expert, attr, f"{prefix}.mlp.experts.{e}.{attr}"
-    if "lm_head" in modules:
-        yield model, "lm_head", "lm_head"
-
-
-@torch.no_grad()
-def quantize_linears(
-    model,
-    bits: int = 4,
-    group_size: int | None = 64,
-    modules: Iterable[str] = ("attention", "lm_head"),
-    method: str = "rtn",
-) -> list[str]:
-    """Swap the decoder's float att_proj/attn_out (and lm_head) for ``QuantizedLinear``, in place.
-
-    One matrix at a time (the float one is dropped as soon as it is replaced). Returns
-    the names of the replaced modules. The ``small`` preset's linears, for models whose
-    runtime has no preset helper.
-    """
-    from molmoe_lite.quantize.format import quantize_weight
-    from molmoe_lite.quantized import QuantizedLinear
-
-    replaced = []
-    for parent, attr, name in list(_decoder_linears(model, modules)):
-        old = getattr(parent, attr)
-        if not isinstance(old, nn.Linear):
-            continue
-        qw = quantize_weight(old.weight.detach(), bits, group_size, method, name=name)
-        with torch.device("meta"):
-            new = QuantizedLinear(old.in_features, old.out_features, bits, qw.group_size)
-        new.set_weight(qw)
-        setattr(parent, attr, new)
-        replaced.append(name)
-    return replaced
-
-
 @torch.no_grad()
 def nf4_linears(model, modules: Iterable[str] = ("attention", "experts"), blocksize: int = 64) -> list[str]:
     """Swap float linears for bitsandbytes NF4 ``Linear4bit`` (blocksize 64, no double quant), in place.
@@ -207,12 +160,12 @@ def nf4_linears(model, modules: Iterable[str] = ("attention", "experts"), blocks
     """
     import bitsandbytes as bnb
 
+    from molmoe_lite.api import float_linears
+
     replaced = []
     dtype = model.compute_dtype
-    for parent, attr, name in list(_decoder_linears(model, modules)):
+    for parent, attr, name in list(float_linears(model, modules)):
         old = getattr(parent, attr)
-        if not isinstance(old, nn.Linear):
-            continue
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=dtype,
                                 compress_statistics=False, quant_type="nf4", device="meta")
         weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, blocksize=blocksize,

@@ -8,10 +8,9 @@ Providers (``--providers``, comma-separated; all by default):
                      static KV cache, fixed shapes; no CUDA graph with dense experts)
   int8, int4         experts quantised on the GPU with ``molmoe_lite.patch(model, bits=...)``,
                      decode through StaticDecoder with the step captured in a CUDA graph
-  int4_small         int4 experts plus the ``small`` preset: att_proj/attn_out/lm_head int4
-                     (``molmoe_lite.api.apply_small_preset`` when the runtime has it, which also
-                     keeps the token embeddings in CPU memory; else this folder's
-                     ``quantize_linears``)
+  int4_small         int4 experts plus the ``small`` preset (``molmoe_lite.api.apply_small_preset``):
+                     att_proj/attn_out/lm_head int4, the ViT's linears int8, token embeddings
+                     in CPU memory
   nf4_dense          bitsandbytes NF4 (blocksize 64) on the dense reference's expert and
                      attention linears, release-style eager decode; skipped without bitsandbytes
 
@@ -76,7 +75,6 @@ from _synthetic import (  # noqa: E402
     kv_bytes_per_token,
     make_config,
     nf4_linears,
-    quantize_linears,
     tiny_processor,
 )
 
@@ -185,15 +183,10 @@ def prepare(provider: str, model, args) -> dict:
         _sync()
         info.update(quantize_method=method, quantize_s=round(time.perf_counter() - t0, 3))
     if provider == "int4_small":
-        from molmoe_lite import api
+        from molmoe_lite.api import apply_small_preset
 
-        apply_small = getattr(api, "apply_small_preset", None)
-        if apply_small is not None:
-            apply_small(model)
-            info["small_preset"] = "molmoe_lite.api.apply_small_preset"
-        else:
-            quantize_linears(model, 4, 64, ("attention", "lm_head"), _method(args, provider))
-            info["small_preset"] = "benchmarks/_synthetic.quantize_linears (embeddings stay on the GPU)"
+        apply_small_preset(model, method)
+        info["small_preset"] = "molmoe_lite.api.apply_small_preset"
     if provider == "nf4_dense":
         try:
             import bitsandbytes  # noqa: F401
@@ -332,7 +325,6 @@ def run_provider(provider: str, model, proc, image, args, rec: Recorder, gbps_co
 @torch.inference_mode()
 def memory_check(provider: str, cfg, proc, image, dtype, rec: Recorder) -> None:
     """Build ``provider``'s preset directly quantised under a capped allocator; record whether it fits."""
-    from molmoe_lite import api
     from molmoe_lite.fast_decode import StaticDecoder
 
     budget = MEMORY_BUDGET_GIB[provider]
@@ -344,11 +336,7 @@ def memory_check(provider: str, cfg, proc, image, dtype, rec: Recorder) -> None:
          "cuda_context_gib": context / GIB, "allocator_limit_gib": limit / GIB,
          "new_tokens_budgeted": MEMORY_CHECK_NEW_TOKENS}
     small = provider == "int4_small"
-    modules = ("experts", "attention", "lm_head") if small else ("experts",)
-    # the runtime keeps small's embeddings on the CPU only where it has the preset helper
-    cpu_modules = ("model.transformer.wte",) if small and hasattr(api, "apply_small_preset") else ()
-    r["quantized_modules"] = list(modules)
-    r["cpu_modules"] = list(cpu_modules)
+    r["preset"] = "small" if small else "default"
     if limit <= 0:
         rec.emit({**r, "fits": False, "error": "the CUDA context alone exceeds the budget"})
         return
@@ -357,7 +345,8 @@ def memory_check(provider: str, cfg, proc, image, dtype, rec: Recorder) -> None:
     torch.cuda.set_per_process_memory_fraction(max(limit, 0) / total)
     _reset_peak()
     try:
-        model = build_model(cfg, "cuda", dtype, quantized=modules, bits=4, group_size=64, cpu_modules=cpu_modules)
+        # what load() builds: quantised modules from the start (small's linears quantised on read)
+        model = build_model(cfg, "cuda", dtype, quantized=("experts",), bits=4, group_size=64, small=small)
         r["weights_gib"] = gpu_bytes(model) / GIB
         ttft, batch, cache = prefill(model, proc, image, MEMORY_CHECK_NEW_TOKENS)
         decoder = StaticDecoder(model, cache, batch["input_ids"] != -1)

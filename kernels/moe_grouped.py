@@ -184,7 +184,8 @@ def down_grouped(act: torch.Tensor, weights: torch.Tensor, grouping: ExpertGroup
                  workspace: torch.Tensor | None = None) -> torch.Tensor:
     """act [T*K, I], weights [T, K] -> [T, H] = sum_k w_k * act[p] W2[e_p]^T.
 
-    ``workspace``: optional contiguous [T*K, H] buffer in act's dtype for the per-pair outputs.
+    ``workspace``: optional contiguous [T*K, H] buffer in act's dtype for the per-pair outputs;
+    with top-1 and out_dtype == act's dtype it is itself the result (no sum to do).
     """
     check_quantized(w2, "w2")
     t, top_k = weights.shape
@@ -201,6 +202,8 @@ def down_grouped(act: torch.Tensor, weights: torch.Tensor, grouping: ExpertGroup
         BITS=w2.bits, GROUP=w2.group_size,
         BLOCK_M=grouping.block_m, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(act.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if top_k == 1 and out_dtype == act.dtype:  # a plain linear (quantized_linear): nothing to sum
+        return y.view(t, h)
     return y.view(t, top_k, h).sum(dim=1, dtype=torch.float32).to(out_dtype)
 
 

@@ -14,14 +14,16 @@ fly one layer's float experts are read, quantised and dropped before the next la
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
+from torch import nn
 
 from molmoe_lite.config import ConfigError, MolmoeConfig
 from molmoe_lite.hub import resolve_model
 from molmoe_lite.quantize.checkpoint import open_checkpoint, validate
-from molmoe_lite.quantize.format import experts_prefix, quantize_layer_experts, quantized_to_tensors
+from molmoe_lite.quantize.format import (experts_prefix, quantize_layer_experts, quantize_weight,
+                                         quantized_to_tensors)
 from molmoe_lite.quantize.layout import expected_shapes
 
 _DTYPES = {
@@ -57,31 +59,78 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return torch.float32
 
 
-def quantize_structure(model, bits: int, group_size: int | None, modules: Iterable[str]) -> None:
+LINEAR_GROUPS = ("attention", "lm_head", "vision", "experts")
+
+
+def float_linears(model, groups: Iterable[str]) -> Iterator[tuple[nn.Module, str, str]]:
+    """(parent, attribute, full name) of the linears in the named groups that are still float.
+
+    "attention": every decoder layer's att_proj and attn_out; "lm_head"; "vision": the ViT
+    blocks' wq/wk/wv/wo and MLP w1/w2; "experts": each float expert's gate/up/down projections.
+    """
+    groups = set(groups)
+    unknown = groups - set(LINEAR_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown module groups {sorted(unknown)}; known: {', '.join(LINEAR_GROUPS)}")
+    found = []
+    for i, block in enumerate(model.model.transformer.blocks):
+        prefix = f"model.transformer.blocks.{i}"
+        if "attention" in groups:
+            found += [(block.attn, a, f"{prefix}.attn.{a}") for a in ("att_proj", "attn_out")]
+        if "experts" in groups and isinstance(block.mlp.experts, nn.ModuleList):
+            found += [(expert, a, f"{prefix}.mlp.experts.{e}.{a}")
+                      for e, expert in enumerate(block.mlp.experts) for a in ("gate_proj", "up_proj", "down_proj")]
+    if "lm_head" in groups:
+        found.append((model, "lm_head", "lm_head"))
+    if "vision" in groups:
+        for i, rb in enumerate(model.model.vision_backbone.image_vit.transformer.resblocks):
+            prefix = f"model.vision_backbone.image_vit.transformer.resblocks.{i}"
+            found += [(rb.attention, a, f"{prefix}.attention.{a}") for a in ("wq", "wk", "wv", "wo")]
+            found += [(rb.feed_forward, a, f"{prefix}.feed_forward.{a}") for a in ("w1", "w2")]
+    return iter([(p, a, n) for p, a, n in found if isinstance(getattr(p, a), nn.Linear)])
+
+
+def quantize_structure(model, bits: int, group_size: int | None, modules: Iterable[str]) -> dict[str, tuple]:
     """Swap the (meta) float modules named by ``modules`` for empty quantised ones, in place.
 
-    ``modules``: "experts" (every MoE layer's experts), "attention" (att_proj and
-    attn_out), "lm_head".
+    ``modules``: "experts" (every MoE layer's experts, as one stacked module per layer),
+    or any of float_linears' groups ("attention", "lm_head", "vision").
+    Returns {linear's full name: (bits, group size)} for the linears swapped.
     """
     from molmoe_lite.quantized import QuantizedExperts, QuantizedLinear
 
     modules = set(modules)
-    unknown = modules - {"experts", "attention", "lm_head"}
+    unknown = modules - set(LINEAR_GROUPS)
     if unknown:
         raise ConfigError(f"quantization_config.modules has unknown entries: {sorted(unknown)}")
     cfg = model.config
-    for block in model.model.transformer.blocks:
-        if "experts" in modules:
+    if "experts" in modules:
+        for block in model.model.transformer.blocks:
             block.mlp.experts = QuantizedExperts(
                 cfg.moe_num_experts, cfg.d_model, cfg.expert_hidden, bits, group_size, device="meta"
             )
-        if "attention" in modules:
-            for name in ("att_proj", "attn_out"):
-                old = getattr(block.attn, name)
-                setattr(block.attn, name, QuantizedLinear(old.in_features, old.out_features, bits, group_size, "meta"))
-    if "lm_head" in modules:
-        old = model.lm_head
-        model.lm_head = QuantizedLinear(old.in_features, old.out_features, bits, group_size, "meta")
+    swapped = {}
+    for parent, attr, name in float_linears(model, modules - {"experts"}):
+        new = QuantizedLinear.like(getattr(parent, attr), bits, group_size)
+        setattr(parent, attr, new)
+        swapped[name] = (bits, new.group_size)
+    return swapped
+
+
+# The ``small`` preset, beyond the checkpoint's own quantisation: group -> (bits, group size).
+# The ViT is int8 per channel: its 0.54 GiB in bf16 is the largest float piece left, and on
+# the tiny random model int8 moves the image features by 1.9% where int4 moved them by 18%.
+# The token embeddings stay in CPU memory (only looked-up rows travel).
+SMALL_PRESET = {"attention": (4, 64), "lm_head": (4, 64), "vision": (8, None)}
+SMALL_CPU_MODULES = ("model.transformer.wte",)
+
+
+def small_preset_structure(model) -> dict[str, tuple]:
+    """``quantize_structure`` for every group of SMALL_PRESET (meta model, before loading)."""
+    swapped = {}
+    for group, (bits, group_size) in SMALL_PRESET.items():
+        swapped.update(quantize_structure(model, bits, group_size, [group]))
+    return swapped
 
 
 def _quantization(config: MolmoeConfig, folder: Path, quantize: str | None) -> dict[str, Any] | None:
@@ -118,12 +167,12 @@ def load(
 
     ``quantize`` ("int4" or "int8") quantises a float release's experts while loading,
     layer by layer; a folder written by ``molmoe-lite quantize`` loads quantised as is.
-    ``preset="small"`` also makes every decoder linear int4 (attention, lm_head) and keeps
-    the token embeddings in CPU memory: the smallest GPU footprint.
+    ``preset="small"`` also quantises, while reading, every decoder linear to int4 (attention,
+    lm_head) and the ViT's linears to int8 (SMALL_PRESET), and keeps the token embeddings in
+    CPU memory: the smallest GPU footprint.
     """
-    if preset not in PRESETS:
+    if preset not in PRESETS:  # before any download or file access
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    from molmoe_lite.model.molmoe import MolmoE
     from molmoe_lite.processor import Processor
 
     folder = resolve_model(path)
@@ -131,12 +180,11 @@ def load(
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     quant = _quantization(config, folder, quantize)
-    with torch.device("meta"):
-        model = MolmoE(config, dtype=dtype)
-    if quant is not None:
-        quantize_structure(model, int(quant["bits"]), quant.get("group_size"), quant.get("modules", ["experts"]))
+    model, on_read, on_cpu = build_skeleton(config, dtype, quant, preset)
     # the model chose each tensor's dtype (fp32 norms in a float16 model, uint8 codes, fp16 scales)
     wanted = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    shapes = {k: shape for k, (shape, _) in wanted.items() if k.rpartition(".")[0] not in on_read}
+    shapes.update({f"{name}.weight": model.get_submodule(name).shape for name in on_read})  # float on disk
     state: dict[str, torch.Tensor] = {}
     # When every tensor is copied on its way in (to a GPU or another dtype), map a .bin shared:
     # a private mapping of the 29 GB release is refused on machines with less RAM + swap.
@@ -146,17 +194,53 @@ def load(
             validate(reader, expected_shapes(config.raw))  # a float release, checked whole
             _quantize_experts_while_loading(reader, config, quant, device, state)
         else:
-            validate(reader, {k: shape for k, (shape, _) in wanted.items()})
+            validate(reader, shapes)
         for key in reader.keys():
-            if key in wanted and key not in state:
+            name, _, leaf = key.rpartition(".")
+            if leaf == "weight" and name in on_read:
+                bits, group_size = on_read[name]
+                qw = quantize_weight(reader.get(key).float(), bits=bits, group_size=group_size, name=key)
+                state.update({k: t.to(device) for k, t in quantized_to_tensors(name, qw).items()})
+            elif key in wanted and key not in state:
                 # one tensor at a time: each is converted before the next is read
-                state[key] = reader.get(key).to(device=device, dtype=wanted[key][1])
+                target = "cpu" if key.startswith(on_cpu) else device
+                state[key] = reader.get(key).to(device=target, dtype=wanted[key][1])
         model.load_state_dict(state, assign=True, strict=True)
-    if preset == "small":
-        apply_small_preset(model)
     model.eval()
     model.processor = Processor.from_pretrained(folder)
     return model
+
+
+def build_skeleton(config: MolmoeConfig, dtype: torch.dtype, quant: dict[str, Any] | None,
+                   preset: str = "default") -> tuple[Any, dict[str, tuple], tuple[str, ...]]:
+    """The meta-device model ``load()`` fills: (model, linears to quantise as they are read ->
+    (bits, group size), key prefixes that stay in CPU memory). ``quant``: as _quantization."""
+    from molmoe_lite.model.molmoe import MolmoE
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    with torch.device("meta"):
+        model = MolmoE(config, dtype=dtype)
+    if quant is not None:
+        quantize_structure(model, int(quant["bits"]), quant.get("group_size"), quant.get("modules", ["experts"]))
+    # the small preset's linears are quantised as they are read: no float copy reaches the device
+    on_read = small_preset_structure(model) if preset == "small" else {}
+    on_cpu = tuple(f"{name}." for name in SMALL_CPU_MODULES) if preset == "small" else ()
+    return model, on_read, on_cpu
+
+
+def weights_plan(config: MolmoeConfig, dtype: torch.dtype = torch.bfloat16, quantize: str | None = None,
+                 preset: str = "default", folder: str | Path = ".") -> dict[str, int]:
+    """Bytes of weights ``load(folder, dtype=dtype, quantize=quantize, preset=preset)`` would put
+    on the device and in CPU memory, without loading: shapes and dtypes of the meta skeleton
+    only, so it is instant at full size. ``folder`` only names the checkpoint in errors.
+    """
+    quant = _quantization(config, Path(folder), quantize)
+    model, _, on_cpu = build_skeleton(config, dtype, quant, preset)
+    plan = {"device_bytes": 0, "cpu_bytes": 0}
+    for key, t in model.state_dict().items():
+        plan["cpu_bytes" if key.startswith(on_cpu) else "device_bytes"] += t.numel() * t.element_size()
+    return plan
 
 
 def _quantize_experts_while_loading(reader, config: MolmoeConfig, quant: dict, device, state: dict) -> None:
@@ -171,28 +255,26 @@ def _quantize_experts_while_loading(reader, config: MolmoeConfig, quant: dict, d
                 state[key] = t.to(device)
 
 
-def apply_small_preset(model, group_size: int = 64) -> list[str]:
-    """int4 for every decoder linear still in float, token embeddings moved to CPU memory.
+def apply_small_preset(model, method: str = "refit") -> list[str]:
+    """The ``small`` preset on a loaded model: SMALL_PRESET's float linears quantised one at a
+    time (each float matrix dropped as soon as it is replaced), token embeddings to CPU memory.
 
-    Returns the names of the changed modules. The embedding lookup then runs on the CPU
-    and only the looked-up rows travel to the GPU (``Transformer.embed``).
+    ``method``: quantize_weight's rounding. Returns the names of the changed modules. The
+    embedding lookup then runs on the CPU and only the looked-up rows travel to the GPU
+    (``Transformer.embed``). ``load(preset="small")`` does not go through this: it quantises
+    while reading, so no float copy reaches the GPU.
     """
-    from torch import nn
-
     from molmoe_lite.quantized import QuantizedLinear
 
     changed = []
-    for i, block in enumerate(model.model.transformer.blocks):
-        for name in ("att_proj", "attn_out"):
-            old = getattr(block.attn, name)
-            if isinstance(old, nn.Linear):
-                setattr(block.attn, name, QuantizedLinear.from_linear(old, bits=4, group_size=group_size))
-                changed.append(f"model.transformer.blocks.{i}.attn.{name}")
-    if isinstance(model.lm_head, nn.Linear):
-        model.lm_head = QuantizedLinear.from_linear(model.lm_head, bits=4, group_size=group_size)
-        changed.append("lm_head")
-    model.model.transformer.wte.to("cpu")
-    changed.append("model.transformer.wte (to CPU)")
+    with torch.no_grad():
+        for group, (bits, group_size) in SMALL_PRESET.items():
+            for parent, attr, name in float_linears(model, [group]):
+                setattr(parent, attr, QuantizedLinear.from_linear(getattr(parent, attr), bits, group_size, method))
+                changed.append(name)
+    for name in SMALL_CPU_MODULES:
+        model.get_submodule(name).to("cpu")
+        changed.append(f"{name} (to CPU)")
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
     return changed

@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser(
         "inspect",
         help="describe a checkpoint: quantisation, tensor sizes, GPU memory needed",
-        description="Print the quantisation config, tensor counts and sizes, and the GPU memory the model needs "
-        "(weights + KV cache for --context tokens).",
+        description="Print the quantisation config, tensor counts and sizes, the KV cache for --context tokens, "
+        "and the GPU memory of the weights (and weights + KV cache) for each way of loading it: as stored "
+        "or quantised on the fly, default or small preset.",
     )
     insp.add_argument("path", metavar="DIR", help="checkpoint folder")
     insp.add_argument("--context", type=int, default=4096, help="tokens of KV cache to count (default %(default)s)")
@@ -220,8 +221,42 @@ def cmd_inspect(args) -> int:
     from molmoe_lite.quantize.inspect import format_report, inspect_checkpoint
 
     info = inspect_checkpoint(args.path, context=args.context, batch=args.batch)
-    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    info["load_plans"] = _load_plans(args.path, info)
+    print(json.dumps(info, indent=2) if args.json else format_report(info) + "\n" + _format_plans(info))
     return 0
+
+
+def _load_plans(folder: str, info: dict) -> list[dict]:
+    """What load() would put on a bf16 GPU and in CPU memory, per way of loading this checkpoint."""
+    import torch
+
+    from molmoe_lite.api import weights_plan
+    from molmoe_lite.config import MolmoeConfig
+
+    config = MolmoeConfig.from_pretrained(folder)
+    ways = [(None, "default"), (None, "small")]
+    if info["bits"] is None:  # a float release: quantising while loading is the usual way
+        ways = [(None, "default"), ("int8", "default"), ("int4", "default"), ("int4", "small")]
+    plans = []
+    for quantize, preset in ways:
+        plan = weights_plan(config, torch.bfloat16, quantize, preset, folder)
+        plans.append({"quantize": quantize, "preset": preset, **plan,
+                      "gpu_bytes": plan["device_bytes"] + info["kv_cache_bytes"]})
+    return plans
+
+
+def _format_plans(info: dict) -> str:
+    def size(n: int) -> str:
+        return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+    lines = ["GPU memory by way of loading (bf16; weights, then weights + the KV cache above; activations "
+             "and the CUDA context, a few hundred MiB, come on top):"]
+    for p in info["load_plans"]:
+        how = f"--quantize {p['quantize']}" if p["quantize"] else "as stored"
+        cpu = f" (+ {size(p['cpu_bytes'])} in CPU memory)" if p["cpu_bytes"] else ""
+        lines.append(f"  {how:<16} --preset {p['preset']:<8} weights {size(p['device_bytes']):>10}{cpu}, "
+                     f"with KV cache {size(p['gpu_bytes'])}")
+    return "\n".join(lines)
 
 
 def cmd_compare(args) -> int:

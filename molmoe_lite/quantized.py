@@ -89,24 +89,37 @@ class QuantizedExperts(nn.Module):
 
 
 class QuantizedLinear(QuantizedTensor):
-    """A bias-free linear layer whose weight [N, K] is quantised (keys ``<name>.qweight`` etc.)."""
+    """A linear layer whose weight [N, K] is quantised (keys ``<name>.qweight`` etc.); an optional
+    float ``bias`` (the ViT's linears have one) is added after the quantised matmul."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, device=None):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, device=None,
+                 bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__((out_features, in_features), bits, group_size, device)
         self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         self.use_kernels: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         use = self.use_kernels if self.use_kernels is not None else x.is_cuda
         flat = x.reshape(-1, self.in_features)
-        return quantized_linear(flat, self.weight(), use_kernels=use).view(*x.shape[:-1], self.out_features)
+        y = quantized_linear(flat, self.weight(), use_kernels=use).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None) -> "QuantizedLinear":
-        qw = quantize_weight(linear.weight.detach(), bits=bits, group_size=group_size)
-        with torch.device("meta"):
-            mod = cls(linear.in_features, linear.out_features, bits, qw.group_size)
+    def like(cls, linear: nn.Linear, bits: int, group_size: int | None) -> "QuantizedLinear":
+        """An empty (meta) quantised twin of ``linear``: same sizes, bias and bias dtype."""
+        bias = linear.bias is not None
+        return cls(linear.in_features, linear.out_features, bits, group_size, "meta", bias=bias,
+                   dtype=linear.bias.dtype if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None,
+                    method: str = "refit") -> "QuantizedLinear":
+        qw = quantize_weight(linear.weight.detach(), bits=bits, group_size=group_size, method=method)
+        mod = cls.like(linear, bits, qw.group_size)
         mod.set_weight(qw)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return mod
 
 

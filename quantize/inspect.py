@@ -2,10 +2,11 @@
 
 ``inspect_checkpoint`` reads config.json and the tensor headers (safetensors headers or the
 mapped ``.bin``; no tensor data is read), groups the tensors by kind (experts, attention,
-lm_head, embeddings, vision, other), and estimates GPU memory as the weights as stored plus a
-KV cache for ``context`` tokens: n_layers * 2 (K and V) * batch * context * n_kv_heads *
-head_dim * bytes per element, with sizes from config.json alone. Activations and the CUDA
-context come on top (a few hundred MB); the report says so. ``format_report`` renders it.
+lm_head, embeddings, vision, other), and sizes a KV cache for ``context`` tokens: n_layers * 2
+(K and V) * batch * context * n_kv_heads * head_dim * bytes per element, from config.json
+alone. ``format_report`` renders it. The weights a load puts on the GPU differ from the weights
+as stored (fp32 on disk, bf16 on the GPU; presets): ``molmoe-lite inspect`` adds those from
+``molmoe_lite.api.weights_plan``, which this package does not import.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def kv_cache_bytes(cfg: dict[str, Any], context: int, batch: int = 1, bytes_per_
 
 
 def inspect_checkpoint(folder: str | Path, context: int = 4096, batch: int = 1) -> dict[str, Any]:
-    """Quantisation config, tensors by kind (count, bytes, weights stood for), sizes, GPU memory."""
+    """Quantisation config, tensors by kind (count, bytes, weights stood for), sizes, KV cache."""
     folder = Path(folder)
     if context <= 0 or batch <= 0:
         raise ValueError(f"context and batch must be positive, got context={context}, batch={batch}")
@@ -102,7 +103,6 @@ def inspect_checkpoint(folder: str | Path, context: int = 4096, batch: int = 1) 
         "batch": batch,
         "kv_dtype": kv_dtype,
         "kv_cache_bytes": kv,
-        "gpu_bytes": weights_bytes + kv,
     }
 
 
@@ -133,8 +133,7 @@ def format_report(info: dict[str, Any]) -> str:
     total, files = _size(info["weights_bytes"]), _size(info["files_bytes"])
     lines.append(f"{'total':<11} {info['tensors']:>8} {total:>11}  (files {files})")
     lines.append(
-        f"GPU memory: weights {_size(info['weights_bytes'])} + KV cache {_size(info['kv_cache_bytes'])} "
-        f"({info['kv_dtype']}, batch {info['batch']}, context {info['context']}) = {_size(info['gpu_bytes'])}, "
-        "plus activations and the CUDA context (a few hundred MiB)"
+        f"KV cache: {_size(info['kv_cache_bytes'])} ({info['kv_dtype']}, batch {info['batch']}, "
+        f"context {info['context']})"
     )
     return "\n".join(lines)
