@@ -5,6 +5,9 @@ decode kernel alone (gate+up with SwiGLU, and down with the top-k sum) at MolmoE
 a set of candidate (BLOCK_N, BLOCK_K, num_warps), so one GPU run tells the next session which
 table entry to ship without spending more GPU time.
 
+The down kernel's candidates also vary EXPERT_SPLIT (how many programs share a token's experts,
+moe_gemv.expert_split).
+
 Method: 16 layers' expert weights are resident (the 50 MB L2 of an H100 cannot hold them);
 one pass launches the kernel once per layer; passes are captured in a CUDA graph and replayed
 (``gpu_check.time_us``). Candidates are launched exactly as given (``fill_sms: 0``); the first
@@ -43,15 +46,19 @@ TOKENS = (1, 4)
 BITS = (4, 8)
 
 
-def candidates(rows: int, k: int, shipped: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """(BLOCK_N, BLOCK_K, num_warps): the shipped launch first, then every tile with one 128-bit
-    int4 load per thread that fits the matrix."""
+def candidates(rows: int, k: int, shipped: tuple[int, int, int, int],
+               splits: tuple[int, ...] = (1,)) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_N, BLOCK_K, num_warps, EXPERT_SPLIT): the shipped launch first, then its tiles with
+    every other split in ``splits`` (the down kernel's), then every tile with one 128-bit int4
+    load per thread that fits the matrix, with the shipped split."""
     out = [shipped]
+    out += [(*shipped[:3], s) for s in splits if s != shipped[3]]
     for warps in (4, 8, 2):
         for bn in (4, 8, 16, 32):
             bk = 16 * 32 * warps * 2 // bn
-            if bn <= rows and 64 <= bk <= k and (bn, bk, warps) not in out:
-                out.append((bn, bk, warps))
+            cand = (bn, bk, warps, shipped[3])
+            if bn <= rows and 64 <= bk <= k and cand not in out:
+                out.append(cand)
     return out
 
 
@@ -61,7 +68,7 @@ def _expert_bytes(qw) -> int:
 
 def sweep(args) -> list[dict]:
     from molmoe_lite.kernels.configs import get_config
-    from molmoe_lite.kernels.moe_gemv import decode_tiles, device_sms, down_gemv, gate_up_gemv
+    from molmoe_lite.kernels.moe_gemv import decode_tiles, device_sms, down_gemv, expert_split, gate_up_gemv
 
     cuda = torch.cuda.is_available() and not args.smoke
     dev = torch.device("cuda" if cuda else "cpu")
@@ -95,16 +102,22 @@ def sweep(args) -> list[dict]:
                                 used * _expert_bytes(w2s[0]) + act.nbytes + x.nbytes),
             }
             for kname, (rows, kdim, programs, ws, launch, nbytes) in kernels.items():
-                base = table[kname]
-                shipped = decode_tiles(base, rows, kdim, bits, programs, device_sms(dev)) + (base["num_warps"],)
-                cands = candidates(rows, kdim, shipped)
-                for i, (bn, bk, warps) in enumerate(cands[: None if cuda else 2]):
+                base, sms = table[kname], device_sms(dev)
+                bn, bk = decode_tiles(base, rows, kdim, bits, programs, sms)
+                down = kname == "down_decode"
+                split = expert_split(base, k_top, programs * -(-rows // bn), sms) if down else 1
+                cands = candidates(rows, kdim, (bn, bk, base["num_warps"], split),
+                                   (1, 2, 4, 8) if down and k_top > 1 else (1,))
+                for i, (bn, bk, warps, split) in enumerate(cands[: None if cuda else 2]):
                     if time.monotonic() - started > args.budget_s:
                         print(f"sweep: budget of {args.budget_s:.0f} s spent, stopping", file=sys.stderr)
                         return results
                     cfg = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "fill_sms": 0}
+                    if down:
+                        cfg["EXPERT_SPLIT"] = split
                     rec = {"kernel": kname, "bits": bits, "T": t, "BLOCK_N": bn, "BLOCK_K": bk,
-                           "num_warps": warps, "num_stages": base["num_stages"], "shipped": i == 0,
+                           "num_warps": warps, "EXPERT_SPLIT": split if down else None,
+                           "num_stages": base["num_stages"], "shipped": i == 0,
                            "bytes": nbytes, "device": name}
                     rec.update(_measure(launch, cfg, ws, nbytes, copy_gbps, cuda))
                     results.append(rec)

@@ -44,7 +44,8 @@ TOOLCHAIN_EXIT = 3
 def _ptr_types(act: str, bits: int) -> dict[str, str]:
     q = "*u8" if bits == 4 else "*i8"
     return {"x_ptr": act, "act_ptr": act, "out_ptr": act, "y_ptr": act, "logits_ptr": act,
-            "qw_ptr": q, "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": "*fp32", "weights_ptr": "*fp32"}
+            "qw_ptr": q, "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": "*fp32", "weights_ptr": "*fp32",
+            "partial_ptr": "*fp32"}
 
 
 # MolmoE's expert sizes, for the decode tiles the runtime picks at T = 1
@@ -63,7 +64,7 @@ def job_list(archs: list[int], bits_list: list[int]) -> list[dict]:
     ``decode_tiles`` picks at batch 1 on the architecture's reference card).
     """
     from .configs import CONFIGS
-    from .moe_gemv import decode_tiles
+    from .moe_gemv import decode_tiles, expert_split
 
     jobs = []
     for cap in archs:
@@ -76,12 +77,16 @@ def job_list(archs: list[int], bits_list: list[int]) -> list[dict]:
         for key, (mod, fn) in EXPERT_KERNELS.items():
             cfg = table[key]
             for bits in bits_list:
-                tiles = {"table": (cfg["BLOCK_N"], cfg["BLOCK_K"])}
+                tiles = {"table": (cfg["BLOCK_N"], cfg["BLOCK_K"], 1)}
                 if key in DECODE_T1:
                     rows, k, programs = DECODE_T1[key]
-                    tiles["T=1"] = decode_tiles(cfg, rows, k, bits, programs, REFERENCE_SMS[cap])
-                for shape, (bn, bk) in tiles.items():
+                    bn, bk = decode_tiles(cfg, rows, k, bits, programs, REFERENCE_SMS[cap])
+                    split = expert_split(cfg, TOP_K, -(-rows // bn), REFERENCE_SMS[cap]) if key == "down_decode" else 1
+                    tiles["T=1"] = (bn, bk, split)
+                for shape, (bn, bk, split) in tiles.items():
                     const = {"BITS": bits, "GROUP": 64, "BLOCK_N": bn, "BLOCK_K": bk}
+                    if key == "down_decode":
+                        const["SPLIT"] = split
                     if key != "down_grouped":
                         const["TOP_K"] = TOP_K
                     if "grouped" in key:
@@ -113,10 +118,12 @@ def compile_job(job: dict) -> dict:
         else:
             sig[name] = "i32"
     res = {k: job[k] for k in ("kernel", "cap", "bits", "shape")}
-    res["tiles"] = {k: v for k, v in job["const"].items() if k.startswith("BLOCK_")}
+    res["tiles"] = {k: v for k, v in job["const"].items() if k.startswith("BLOCK_") or k == "SPLIT"}
     res["limit"] = SMEM_LIMIT[job["cap"]]
-    # the JIT's specialisation at MolmoE's sizes: every runtime argument a multiple of 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if sig[name] != "constexpr"}
+    # the JIT's specialisation at MolmoE's sizes: every runtime argument a multiple of 16 except
+    # the token count
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if sig[name] != "constexpr" and name != "T"}
     try:
         ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=job["const"], attrs=attrs),
                             target=GPUTarget("cuda", job["cap"], 32), options=job["options"])

@@ -10,7 +10,9 @@ Pinning: ``MOLMOE_LITE_KERNEL_CONFIG`` is either an architecture name (``sm_80``
 on any device) or a JSON object of per-kernel overrides merged over the detected table, e.g.
 ``{"down_decode": {"BLOCK_N": 16}, "decode_max_tokens": 4}``. The decode kernels' tiles are
 adapted to the GPU's SM count at launch (moe_gemv.decode_tiles) unless the pin adds
-``"fill_sms": 0``, e.g. ``{"down_decode": {"BLOCK_N": 4, "BLOCK_K": 1024, "fill_sms": 0}}``.
+``"fill_sms": 0``, e.g. ``{"down_decode": {"BLOCK_N": 4, "BLOCK_K": 1024, "fill_sms": 0}}``, and the
+down kernel splits a token's experts over programs on big GPUs (moe_gemv.expert_split) unless the
+pin sets ``"EXPERT_SPLIT"``.
 """
 
 from __future__ import annotations

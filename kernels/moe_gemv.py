@@ -9,10 +9,12 @@ pair p = t * K + k indexes the (token, k) choices of the router.
    GEMV steps), accumulates both in fp32 and writes
    act[p, n] = silu(gate) * up. Gate and up of a row meet in the same program, so SwiGLU needs
    no extra pass and the [T*K, 2I] pre-activation is never stored.
-2. ``_down_gemv_kernel``: grid (T, cdiv(H, BLOCK_N)). A program owns BLOCK_N output rows of one
-   token and loops over its K experts, adding w_k * (act[p] . W2[e, n, :]) in fp32, then stores
-   once: the routing weight and the top-k sum are fused and the result is deterministic
-   (no atomics).
+2. ``_down_gemv_kernel``: grid (T * S, cdiv(H, BLOCK_N)). A program owns BLOCK_N output rows
+   of one token and loops over its share (1/S) of the token's K experts, adding
+   w_k * (act[p] . W2[e, n, :]) in fp32. With S = 1 it stores the result; with S > 1 (small
+   grids on big GPUs, ``expert_split``) it stores its partial sum and counts its arrival
+   atomically, and the last of the S programs adds the partials in a fixed order and stores.
+   Either way the routing weight and the top-k sum are fused and the result is deterministic.
 At batch 1 the work is reading weights, so the tiles are wide along K (contiguous bytes) and
 short along N; on CUDA, BLOCK_N is traded for BLOCK_K until the grid has >= 4 programs per SM
 (the split chosen from the device's SM count, ``decode_tiles``); see configs.py.
@@ -78,15 +80,20 @@ def _down_gemv_kernel(act_ptr,  # [T*K, I] x's dtype
                       s_ptr,  # fp16 [E, H, I/G]
                       z_ptr,  # fp16 [E, H, I/G] (int4 only)
                       out_ptr,  # [T, H] out, row stride stride_ot
-                      H, I, stride_ot,
+                      partial_ptr,  # fp32 [SPLIT, T, H]: each split's sum (SPLIT > 1 only)
+                      count_ptr,  # int32 [T * cdiv(H, BLOCK_N)]: splits done per output tile, 0 between calls
+                      T, H, I, stride_ot,
                       QK, NG,  # qweight row length (I/2 | I), groups per row (I/G)
                       TOP_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    tok = (tl.program_id(0) // SPLIT).to(tl.int64)
+    split = tl.program_id(0) % SPLIT  # this program's share of the token's experts
     pid_n = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output rows
+    n_ok = n < H
+    per_split: tl.constexpr = (TOP_K + SPLIT - 1) // SPLIT
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for kt in range(TOP_K):
+    for kt in range(split * per_split, tl.minimum((split + 1) * per_split, TOP_K)):
         pair = tok * TOP_K + kt
         e = tl.load(ids_ptr + pair).to(tl.int64)
         wt = tl.load(w_ptr + pair).to(tl.float32)
@@ -101,7 +108,20 @@ def _down_gemv_kernel(act_ptr,  # [T*K, I] x's dtype
             else:
                 part += int8_gemv_step(q_base, s_base, a_row, n, k0, H, QK, NG, GROUP, BLOCK_K)
         acc += wt * part
-    tl.store(out_ptr + tok * stride_ot + n, acc.to(out_ptr.dtype.element_ty), mask=n < H)
+    if SPLIT == 1:
+        tl.store(out_ptr + tok * stride_ot + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(partial_ptr + (split * T + tok) * H + n, acc, mask=n_ok)
+        tile = tok * tl.num_programs(1) + pid_n
+        # acq_rel: this split's partial is visible before its arrival is counted, and the last
+        # split to arrive sees every partial (read past L1, which is not coherent across SMs)
+        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for j in range(SPLIT):  # a fixed order: the result does not depend on arrival order
+                total += tl.load(partial_ptr + (j * T + tok) * H + n, mask=n_ok, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + tok * stride_ot + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(count_ptr + tile, 0)  # ready for the next call (or graph replay)
 
 
 def check_quantized(qw: QuantizedWeight, name: str) -> None:
@@ -170,6 +190,39 @@ def decode_tiles(cfg: dict, rows: int, k: int, bits: int, other_programs: int,
     return bn, bk
 
 
+def expert_split(cfg: dict, top_k: int, programs: int, sms: int | None) -> int:
+    """Into how many parts the down kernel splits each token's top-k experts (grid axis 0).
+
+    One part loops over all K experts, so only one expert's tile per program is in flight; at
+    T = 1 that is H x BLOCK_K/2 bytes across the whole GPU (1 MB for MolmoE), short of what a
+    big GPU needs to reach its bandwidth. Splitting multiplies the programs; the parts' sums
+    meet in a fixed order in the last part to finish (deterministic, no extra launch). On
+    CUDA: doubled until the grid has >= 8 programs per SM; off CUDA 1; ``EXPERT_SPLIT`` in the
+    config pins it.
+    """
+    if "EXPERT_SPLIT" in cfg:
+        return max(1, min(int(cfg["EXPERT_SPLIT"]), top_k))
+    split = 1
+    if sms:
+        while split < top_k and programs * split < 8 * sms:
+            split *= 2
+    return min(split, top_k)
+
+
+_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` zeroed int32 counters, one per output tile, kept per (device, n) for the process:
+    the kernel leaves them at zero, so no memset runs per call and a CUDA graph replays
+    without one; never freed, so a captured graph's pointer stays valid. Allocated by the
+    first call of a shape, which runs before any capture (warm-up)."""
+    key = (device, n)
+    if key not in _ARRIVALS:
+        _ARRIVALS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _ARRIVALS[key]
+
+
 def row_lengths(qw: QuantizedWeight) -> tuple[int, int]:
     """(qweight row length, groups per row): passed as arguments so that Triton can see they
     are multiples of 16 (aligned 128-bit loads), see quant_tiles."""
@@ -217,12 +270,19 @@ def down_gemv(act: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w2: Q
     out = _output(out, (t, h), out_dtype, act.device, "down_gemv", rows_strided=True)
     if t == 0:
         return out
-    bn, bk = decode_tiles(cfg, h, inter, w2.bits, t, device_sms(act.device))
-    grid = (t, triton.cdiv(h, bn))
-    _down_gemv_kernel[grid](
+    sms = device_sms(act.device)
+    bn, bk = decode_tiles(cfg, h, inter, w2.bits, t, sms)
+    tiles = triton.cdiv(h, bn)
+    split = expert_split(cfg, top_k, t * tiles, sms)
+    if split > 1:
+        partial = torch.empty(split, t, h, dtype=torch.float32, device=act.device)
+        counts = _arrival_counters(act.device, t * tiles)
+    else:
+        partial = counts = out  # never touched
+    _down_gemv_kernel[(t * split, tiles)](
         act, ids.reshape(-1), weights.reshape(-1).float().contiguous(), w2.qweight, w2.scales, _zeros_arg(w2), out,
-        h, inter, out.stride(0), *row_lengths(w2),
-        TOP_K=top_k, BITS=w2.bits, GROUP=w2.group_size, BLOCK_N=bn, BLOCK_K=bk,
+        partial, counts, t, h, inter, out.stride(0), *row_lengths(w2),
+        TOP_K=top_k, BITS=w2.bits, GROUP=w2.group_size, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 

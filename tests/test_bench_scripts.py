@@ -220,10 +220,11 @@ def test_sweep_decode_candidates_and_best(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import sweep_decode
 
-    cands = sweep_decode.candidates(2048, 1024, (8, 512, 4))
-    assert cands[0] == (8, 512, 4) and len(set(cands)) == len(cands)
-    assert all(bn * bk // 2 == 16 * 32 * w for bn, bk, w in cands)  # one 128-bit int4 load per thread
-    assert all(bk <= 1024 for _, bk, _ in cands)
+    cands = sweep_decode.candidates(2048, 1024, (8, 512, 4, 2), (1, 2, 4, 8))
+    assert cands[:4] == [(8, 512, 4, 2), (8, 512, 4, 1), (8, 512, 4, 4), (8, 512, 4, 8)]
+    assert len(set(cands)) == len(cands)
+    assert all(bn * bk // 2 == 16 * 32 * w for bn, bk, w, _ in cands)  # one 128-bit int4 load per thread
+    assert all(bk <= 1024 for _, bk, _, _ in cands) and {s for *_, s in cands[4:]} == {2}
     recs = [{"kernel": "down_decode", "bits": 4, "T": 1, "us": 9.0, "shipped": True},
             {"kernel": "down_decode", "bits": 4, "T": 1, "us": 7.0, "shipped": False, "BLOCK_N": 4},
             {"kernel": "down_decode", "bits": 4, "T": 1, "error": "no compile", "shipped": False},

@@ -132,6 +132,48 @@ def test_expert_kernels_match_reference(path, case, bits, dtype):
     assert err <= TOL[dtype], f"{path} int{bits} {dtype}: relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
+SPLIT_CASES = ["T1", "odd_sizes", "topE"]  # K = 2, 3, 4; top-1 never splits (expert_split caps at K)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+@pytest.mark.parametrize("split", [2, 3], ids=["split2", "split3_uneven"])
+@pytest.mark.parametrize("case_name", SPLIT_CASES)
+def test_down_decode_split_over_experts(case_name, split, bits, dtype):
+    """The down kernel with each token's experts split over programs (the last to arrive sums):
+    same result as the reference, every output written, the arrival counters left at zero."""
+    from molmoe_lite.kernels import moe_gemv
+
+    case = CASES[case_name]
+    x, logits, w13, w2, _ = make_problem(case, bits, dtype)
+    weights, ids = route(logits, case.k)
+    ref = moe_reference(x.float(), weights, ids, w13, w2)
+    ids32 = ids.to(torch.int32)
+    act = moe_gemv.gate_up_gemv(x, ids32, w13, SMALL["gate_up_decode"])
+    out = nan_like((case.t, case.h), dtype)
+    cfg = {**SMALL["down_decode"], "BLOCK_N": 16, "EXPERT_SPLIT": split}
+    moe_gemv.down_gemv(act, weights, ids32, w2, dtype, cfg, out=out)
+    assert not out.isnan().any(), "split down_gemv left outputs unwritten"
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"split {split}: relative error {err:.2e}"
+    assert not any(c.any() for c in moe_gemv._ARRIVALS.values()), "arrival counters not reset"
+
+
+@pytest.mark.parametrize("name,top_k,programs,sms,pinned,want", [
+    ("off_cuda", 8, 256, None, None, 1),
+    ("h100_T1", 8, 512, 132, None, 4),  # 512 programs -> 2048 >= 8 per SM
+    ("laptop_T1", 8, 256, 24, None, 1),  # already 10 programs per SM
+    ("capped_at_top_k", 2, 16, 132, None, 2),
+    ("pinned", 8, 512, 132, 8, 8),
+    ("pinned_above_k", 2, 512, 132, 8, 2),
+])
+def test_expert_split_rule(name, top_k, programs, sms, pinned, want):
+    from molmoe_lite.kernels.moe_gemv import expert_split
+
+    cfg = {} if pinned is None else {"EXPERT_SPLIT": pinned}
+    assert expert_split(cfg, top_k, programs, sms) == want
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 @pytest.mark.parametrize("t", [1, 12], ids=["decode_T1", "prefill_T12"])
@@ -189,6 +231,27 @@ def test_molmoe_shapes_on_gpu(t, bits, dtype):
     out = fused_moe(x, logits, w13, w2, top_k=8)
     err = rel_err(out, ref)
     assert err <= TOL[dtype], f"T={t} int{bits} {dtype}: relative error {err:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: ordering across SMs")
+@pytest.mark.parametrize("split", [4, 8])
+def test_split_down_decode_is_deterministic_on_gpu(split):
+    """Split programs meet through an atomic counter: 20 calls must give identical bits, and the
+    right ones (a missed acquire/release would read stale partials now and then)."""
+    from molmoe_lite.kernels import moe_gemv
+
+    w13, w2 = _molmoe_weights(4)
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    x = torch.randn(1, 2048, device=DEVICE, generator=gen).to(torch.bfloat16)
+    weights, ids = route(torch.randn(1, 64, device=DEVICE, generator=gen), 8)
+    ids32 = ids.to(torch.int32)
+    act = moe_gemv.gate_up_gemv(x, ids32, w13)
+    cfg = {**moe_gemv.get_config(DEVICE)["down_decode"], "EXPERT_SPLIT": split}
+    outs = [moe_gemv.down_gemv(act, weights, ids32, w2, torch.bfloat16, cfg) for _ in range(20)]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    ref = moe_reference(x.float(), weights, ids, w13, w2)
+    assert rel_err(outs[0], ref) <= TOL[torch.bfloat16]
 
 
 def test_reference_matches_dense_loop():
