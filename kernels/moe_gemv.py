@@ -17,7 +17,7 @@ pair p = t * K + k indexes the (token, k) choices of the router.
    Either way the routing weight and the top-k sum are fused and the result is deterministic.
 At batch 1 the work is reading weights, so the tiles are wide along K (contiguous bytes) and
 short along N; on CUDA, BLOCK_N is traded for BLOCK_K until the grid has >= 4 programs per SM
-(the split chosen from the device's SM count, ``decode_tiles``); see configs.py.
+(tiles chosen from the device's SM count, ``decode_tiles``); see configs.py.
 """
 
 from __future__ import annotations
