@@ -78,21 +78,26 @@ def time_us(fn, rounds: int = 10, graph: bool = True) -> tuple[float, str, objec
     and times replays: a Python-side Triton launch costs about as long as a whole batch-1 MoE
     layer takes on an H100, so eager timing would measure the host, not the kernels. The runtime
     decodes the same way (fast_decode.StaticDecoder). Providers that sync with the host (the
-    release's expert loop) cannot be captured: pass graph=False and they run as they would.
+    release's expert loop) cannot be captured: pass graph=False and they run as they would. A
+    capture that fails anyway falls back to eager timing, and ``how`` says why.
     """
     fn()  # compile, allocate
     torch.cuda.synchronize()
     run, how = fn, "eager"
     if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # capture wants its warm-up on a side stream
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run, how = g.replay, "graph"
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # capture wants its warm-up on a side stream
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            run, how = g.replay, "graph"
+        except RuntimeError as exc:  # something in fn syncs with the host: time it as it runs
+            torch.cuda.synchronize()
+            how = f"eager (capture failed: {str(exc).splitlines()[0][:120]})"
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
