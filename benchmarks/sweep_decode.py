@@ -10,8 +10,10 @@ moe_gemv.expert_split).
 
 Method: 16 layers' expert weights are resident (the 50 MB L2 of an H100 cannot hold them);
 one pass launches the kernel once per layer; passes are captured in a CUDA graph and replayed
-(``gpu_check.time_us``). Candidates are launched exactly as given (``fill_sms: 0``); the first
-of each (kernel, bits, T) is what the shipped table launches on this GPU (``shipped: true``).
+(``gpu_check.time_us``). Candidates are launched exactly as given (``fill_sms: 0``), each at every
+T; ``shipped: true`` marks what the shipped table launches at that T on this GPU. Order: the down
+kernel first, shipped launches first, then the other expert splits, then other tiles; at most
+--max-candidates per kernel and bits.
 Candidates keep each thread's share of an int4 tile at one 128-bit load
 (BLOCK_N * BLOCK_K / 2 = 16 * 32 * num_warps). Bytes read: the codes, scales and zeros of the
 experts the tokens picked, plus activations in and out; ``bw_fraction`` is against the device's
@@ -26,6 +28,7 @@ new candidates after --budget-s seconds (first launches compile, which is most o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -79,54 +82,73 @@ def sweep(args) -> list[dict]:
     else:
         e, k_top, h, inter, layers, dtype = 8, 2, 64, 32, 1, torch.float32
         name, copy_gbps = "cpu (interpreter smoke test)", None
-    table = get_config(dev)
+    table, sms = get_config(dev), device_sms(dev)
     out_path = args.out / "decode_sweep.jsonl"
     started = time.monotonic()
     results = []
     gen = torch.Generator(device=dev).manual_seed(0)
+    inputs = {}
+    for t in TOKENS:
+        # distinct experts per token (as the router gives), random across tokens
+        ids = torch.stack([torch.randperm(e, device=dev, generator=gen)[:k_top] for _ in range(t)]).to(torch.int32)
+        inputs[t] = {"x": torch.randn(t, h, device=dev, generator=gen).to(dtype), "ids": ids,
+                     "weights": torch.rand(t, k_top, device=dev, generator=gen),
+                     "act": torch.randn(t * k_top, inter, device=dev, generator=gen).to(dtype),
+                     "used": len(torch.unique(ids))}
     for bits in BITS:
         group = 64 if bits == 4 else None  # int8: per channel, as the converter writes it
-        w13s = [random_expert_stack(bits, e, 2 * inter, h, dev, gen, group) for _ in range(layers)]
-        w2s = [random_expert_stack(bits, e, h, inter, dev, gen, group) for _ in range(layers)]
-        for t in TOKENS:
-            x = torch.randn(t, h, device=dev, generator=gen).to(dtype)
-            # distinct experts per token (as the router gives), random across tokens
-            ids = torch.stack([torch.randperm(e, device=dev, generator=gen)[:k_top] for _ in range(t)]).to(torch.int32)
-            weights = torch.rand(t, k_top, device=dev, generator=gen)
-            act = torch.randn(t * k_top, inter, device=dev, generator=gen).to(dtype)
-            used = len(torch.unique(ids))
-            kernels = {
-                "gate_up_decode": (inter, h, t * k_top, w13s, lambda cfg, w: gate_up_gemv(x, ids, w, cfg),
-                                   used * _expert_bytes(w13s[0]) + x.nbytes + act.nbytes),
-                "down_decode": (h, inter, t, w2s, lambda cfg, w: down_gemv(act, weights, ids, w, dtype, cfg),
-                                used * _expert_bytes(w2s[0]) + act.nbytes + x.nbytes),
-            }
-            for kname, (rows, kdim, programs, ws, launch, nbytes) in kernels.items():
-                base, sms = table[kname], device_sms(dev)
+        stacks = {"down_decode": [random_expert_stack(bits, e, h, inter, dev, gen, group) for _ in range(layers)],
+                  "gate_up_decode": [random_expert_stack(bits, e, 2 * inter, h, dev, gen, group)
+                                     for _ in range(layers)]}
+        # the down kernel first: the expert split is the most open question
+        for kname, ws in stacks.items():
+            down = kname == "down_decode"
+            rows, kdim = (h, inter) if down else (inter, h)
+            base = table[kname]
+            shipped = {}
+            for t in TOKENS:
+                programs = t if down else t * k_top
                 bn, bk = decode_tiles(base, rows, kdim, bits, programs, sms)
-                down = kname == "down_decode"
                 split = expert_split(base, k_top, programs * -(-rows // bn), sms) if down else 1
-                cands = candidates(rows, kdim, (bn, bk, base["num_warps"], split),
-                                   (1, 2, 4, 8) if down and k_top > 1 else (1,))
-                for i, (bn, bk, warps, split) in enumerate(cands[: None if cuda else 2]):
+                shipped[t] = (bn, bk, base["num_warps"], split)
+            cands = []
+            for t in TOKENS:  # every T's shipped launch, its split variants, then the other tiles
+                cands += [c for c in candidates(rows, kdim, shipped[t], (1, 2, 4, 8) if down and k_top > 1 else (1,))
+                          if c not in cands]
+            for bn, bk, warps, split in cands[: args.max_candidates if cuda else 2]:
+                cfg = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "fill_sms": 0}
+                if down:
+                    cfg["EXPERT_SPLIT"] = split
+                for t, inp in inputs.items():
                     if time.monotonic() - started > args.budget_s:
                         print(f"sweep: budget of {args.budget_s:.0f} s spent, stopping", file=sys.stderr)
                         return results
-                    cfg = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "fill_sms": 0}
                     if down:
-                        cfg["EXPERT_SPLIT"] = split
+                        nbytes = inp["used"] * _expert_bytes(ws[0]) + inp["act"].nbytes + inp["x"].nbytes
+                        launch = functools.partial(_launch_down, down_gemv, inp, dtype)
+                    else:
+                        nbytes = inp["used"] * _expert_bytes(ws[0]) + inp["x"].nbytes + inp["act"].nbytes
+                        launch = functools.partial(_launch_gate_up, gate_up_gemv, inp)
                     rec = {"kernel": kname, "bits": bits, "T": t, "BLOCK_N": bn, "BLOCK_K": bk,
                            "num_warps": warps, "EXPERT_SPLIT": split if down else None,
-                           "num_stages": base["num_stages"], "shipped": i == 0,
+                           "num_stages": base["num_stages"], "shipped": (bn, bk, warps, split) == shipped[t],
                            "bytes": nbytes, "device": name}
                     rec.update(_measure(launch, cfg, ws, nbytes, copy_gbps, cuda))
                     results.append(rec)
                     with out_path.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
-        del w13s, w2s
+        del stacks
         if cuda:
             torch.cuda.empty_cache()
     return results
+
+
+def _launch_down(down_gemv, inp: dict, dtype: torch.dtype, cfg: dict, w) -> torch.Tensor:
+    return down_gemv(inp["act"], inp["weights"], inp["ids"], w, dtype, cfg)
+
+
+def _launch_gate_up(gate_up_gemv, inp: dict, cfg: dict, w) -> torch.Tensor:
+    return gate_up_gemv(inp["x"], inp["ids"], w, cfg)
 
 
 def _measure(launch, cfg: dict, ws: list, nbytes: int, copy_gbps: float | None, cuda: bool) -> dict:
@@ -177,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"), help="folder for decode_sweep.jsonl")
     ap.add_argument("--budget-s", type=float, default=35.0, help="start no candidate after this many seconds")
+    ap.add_argument("--max-candidates", type=int, default=8, help="launches tried per kernel and bits (default %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter), no timing")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
