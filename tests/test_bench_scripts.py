@@ -85,6 +85,23 @@ def test_bench_e2e_smoke_records_every_provider_and_batch(tmp_path):
     assert by_key[("release_bf16_loop", 1)]["decode_path"] == "release-style eager loop"
 
 
+@pytest.mark.parametrize("preset", ["default", "small"])
+def test_memory_check_builds_what_load_builds(monkeypatch, tiny_release, preset):
+    """The memory check measures a model built directly quantised: it must hold the same tensors
+    (names, shapes, dtypes, CPU or not) as load() of an int4 checkpoint with that preset."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _synthetic import build_model, make_config
+
+    from molmoe_lite import load
+
+    built = build_model(make_config("tiny"), "cpu", torch.float32, quantized=("experts",), bits=4, group_size=64,
+                        small=preset == "small")
+    loaded = load(tiny_release, device="cpu", dtype="float32", quantize="int4", preset=preset)
+    b, ld = built.state_dict(), loaded.state_dict()
+    assert b.keys() == ld.keys()
+    assert all((b[k].shape, b[k].dtype, b[k].device) == (ld[k].shape, ld[k].dtype, ld[k].device) for k in b)
+
+
 @pytest.mark.parametrize("batch", [1, 4, 64], ids=["batch1", "batch4", "batch64_nearly_all"])
 def test_decode_weight_bytes_counts_attention_router_topk_experts_and_lm_head(monkeypatch, batch):
     """The floor's weight bytes, against the same count written out from the config (full size, meta)."""
