@@ -22,8 +22,10 @@
 #   6. decode_sweep.jsonl the two decode kernels alone at T = 1 and 4 over candidate tiles     [30]
 #                        (sweep_decode.py): data for choosing the launch table; last, as the
 #                        least needed, and it stops starting candidates after 20 s
-#   7. *.png             plots of moe_bench.jsonl and e2e.jsonl (needs matplotlib; skipped   [10]
+#   7. *.png             plots of moe_bench.jsonl and e2e.jsonl (needs matplotlib; skipped    [5]
 #                        with a message otherwise)
+#   8. targets.json      each GPU target of the kernel and runtime issues: pass, fail or        [5]
+#                        missing (benchmarks/targets.py)
 # The GPU machine has no network: install with --no-deps (bitsandbytes travels as a wheel in .whl/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,5 +56,6 @@ timeout 15 python3 benchmarks/gpu_check.py bandwidth --out "$OUT"
 MOLMOE_BENCH_RESULTS="$OUT/moe_bench.jsonl" timeout 55 python3 -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_moe.py 2>&1 | tee "$OUT/moe_bench.log"
 timeout 170 python3 benchmarks/bench_e2e.py --out "$OUT" --memory-check --time-budget 150
 timeout 30 python3 benchmarks/sweep_decode.py --out "$OUT" --budget-s 20
-timeout 10 python3 benchmarks/plot_results.py "$OUT" || true
+timeout 5 python3 benchmarks/plot_results.py "$OUT" || true
+timeout 5 python3 benchmarks/targets.py "$OUT"
 echo "results in $OUT:"; ls -l "$OUT"

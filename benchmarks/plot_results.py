@@ -46,7 +46,7 @@ def _usable(rec: dict, *fields: str) -> bool:
     )
 
 
-def _latest(records: list[dict], key_fields: tuple[str, ...], *value_fields: str) -> dict[tuple, dict]:
+def latest_records(records: list[dict], key_fields: tuple[str, ...], *value_fields: str) -> dict[tuple, dict]:
     """The last usable record per key (a file appended to by several runs)."""
     out: dict[tuple, dict] = {}
     for rec in records:
@@ -68,7 +68,7 @@ def plot_kernel_suite(records: list[dict], out: Path, plt) -> list[Path]:
         ("us", "moe_time.png", "microseconds per layer", True),
         ("bw_fraction", "moe_bw_fraction.png", "fraction of measured copy bandwidth", False),
     ):
-        latest = _latest(records, ("provider", "T"), "T", field)
+        latest = latest_records(records, ("provider", "T"), "T", field)
         if not latest:
             continue
         fig, ax = plt.subplots(figsize=(8, 5))
@@ -99,7 +99,7 @@ def plot_kernel_suite(records: list[dict], out: Path, plt) -> list[Path]:
 
 def plot_e2e(records: list[dict], out: Path, plt) -> list[Path]:
     """Decode tokens/s per provider, a bar per batch size (memory-check records left out)."""
-    latest = _latest([r for r in records if not r.get("memory_check")], ("provider", "batch"),
+    latest = latest_records([r for r in records if not r.get("memory_check")], ("provider", "batch"),
                      "batch", "decode_tokens_per_s")
     if not latest:
         return []

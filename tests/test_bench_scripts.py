@@ -4,7 +4,8 @@ bench_e2e.py: a clean skip record without CUDA, its whole logic on the tiny conf
 ``--smoke``, and the bandwidth floor's byte count against a count written out from the
 config; plot_results.py: PNGs from synthetic records when matplotlib is importable, a
 clear message when it is not; gpu_check.py: the env stage writes env.json; sweep_decode.py:
-its launch path on tiny shapes under the interpreter and the choice of the best candidate.
+its launch path on tiny shapes under the interpreter and the choice of the best candidate;
+targets.py: each issue target judged pass / fail / missing from synthetic records.
 """
 
 import json
@@ -168,7 +169,7 @@ def test_plot_results_keeps_the_last_usable_record_per_key(monkeypatch):
     recs = [{"provider": "a", "T": 1, "us": 1.0}, {"provider": "a", "T": 1, "us": 2.0},
             {"provider": "a", "T": 1, "us": 3.0, "skipped": "x"}, {"provider": "a", "T": 1, "us": None},
             {"provider": "b", "T": 1, "error": "e", "us": 9.0}]
-    latest = plot_results._latest(recs, ("provider", "T"), "T", "us")
+    latest = plot_results.latest_records(recs, ("provider", "T"), "T", "us")
     assert latest == {("a", 1): {"provider": "a", "T": 1, "us": 2.0}}
 
 
@@ -248,3 +249,59 @@ def test_sweep_decode_candidates_and_best(monkeypatch):
             {"kernel": "down_decode", "bits": 8, "T": 1, "us": None, "shipped": True}]
     best = sweep_decode.best_per_case(recs)
     assert best == [{**recs[1], "shipped_us": 9.0}]
+
+
+# ---------------------------------------------------------------------------------------
+# targets.py
+# ---------------------------------------------------------------------------------------
+def _write_jsonl(path: Path, recs: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_targets_judges_each_target(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import targets
+
+    (tmp_path / "tests_summary.json").write_text(json.dumps({"tests": 200, "failures": 0, "errors": 0, "skipped": 3}))
+    _write_jsonl(tmp_path / "moe_bench.jsonl", [
+        {"provider": "int4", "T": 1, "us": 10.0, "bw_fraction": 0.65, "device": "H100"},
+        {"provider": "bf16_loop", "T": 1, "us": 90.0},
+        {"provider": "bf16_grouped_mm", "T": 1, "us": 25.0},  # the best bf16: 2.5x, short of 3x
+        {"provider": "int4", "T": 1024, "us": 120.0},
+        {"provider": "bf16_grouped_mm", "T": 1024, "us": 100.0},  # 1.2x <= 1.3
+        {"provider": "int4", "T": 1024, "us": 500.0, "error": "a later failed record is not used"},
+    ])
+    _write_jsonl(tmp_path / "e2e.jsonl", [
+        {"provider": "int4", "batch": 1, "decode_tokens_per_s": 200.0, "floor_fraction": 0.45},
+        {"provider": "ours_bf16", "batch": 1, "decode_tokens_per_s": 100.0},
+        {"provider": "int4", "batch": 4, "decode_tokens_per_s": 600.0, "floor_fraction": 0.9},
+        {"provider": "int4", "memory_check": True, "fits": True, "peak_plus_context_gib": 5.2},
+        {"provider": "int4_small", "memory_check": True, "fits": False, "peak_plus_context_gib": 4.5,
+         "error": "OutOfMemoryError: ..."},
+    ])
+    assert targets.main([str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "targets.json").read_text())
+    status = {t["target"]: t["status"] for t in result["targets"]}
+    assert status == {
+        "CUDA tests: failures + errors": "pass",
+        "T=1 int4: fraction of copy bandwidth": "pass",
+        "T=1 int4: speed-up over the best bf16 provider": "fail",
+        "T=1024 int4: time over the best bf16 provider's": "pass",
+        "int4 decode, batch 1: fraction of the bandwidth floor": "fail",
+        "int4 decode, batch 1: tokens/s over ours_bf16": "pass",
+        "int4 decode, batch 1: tokens/s over nf4_dense": "missing",
+        "int4: fits 6.0 GiB (peak + CUDA context, GiB)": "pass",
+        "int4_small: fits 4.5 GiB (peak + CUDA context, GiB)": "fail",
+    }
+    by_name = {t["target"]: t for t in result["targets"]}
+    assert by_name["T=1 int4: speed-up over the best bf16 provider"]["value"] == 2.5
+    assert by_name["T=1024 int4: time over the best bf16 provider's"]["value"] == 1.2
+    assert (result["pass"], result["fail"], result["missing"]) == (5, 3, 1)
+
+
+def test_targets_on_an_empty_folder_says_missing_never_pass(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import targets
+
+    result = targets.judge(tmp_path)
+    assert result["pass"] == 0 and result["fail"] == 0 and result["missing"] == len(result["targets"]) == 9
