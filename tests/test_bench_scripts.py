@@ -262,7 +262,8 @@ def test_targets_judges_each_target(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import targets
 
-    (tmp_path / "tests_summary.json").write_text(json.dumps({"tests": 200, "failures": 0, "errors": 0, "skipped": 3}))
+    (tmp_path / "tests_summary.json").write_text(json.dumps({"tests": 200, "failures": 0, "errors": 0, "skipped": 3,
+                                                             "device": "NVIDIA H100 80GB HBM3"}))
     _write_jsonl(tmp_path / "moe_bench.jsonl", [
         {"provider": "int4", "T": 1, "us": 10.0, "bw_fraction": 0.65, "device": "H100"},
         {"provider": "bf16_loop", "T": 1, "us": 90.0},
@@ -305,3 +306,7 @@ def test_targets_on_an_empty_folder_says_missing_never_pass(tmp_path, monkeypatc
 
     result = targets.judge(tmp_path)
     assert result["pass"] == 0 and result["fail"] == 0 and result["missing"] == len(result["targets"]) == 9
+    # a CPU run's test summary (CUDA tests all skipped) is no evidence either
+    (tmp_path / "tests_summary.json").write_text(json.dumps({"tests": 224, "failures": 0, "errors": 0,
+                                                             "device": "cpu (x86_64)"}))
+    assert targets.judge(tmp_path)["targets"][0]["status"] == "missing"
