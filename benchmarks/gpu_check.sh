@@ -40,8 +40,9 @@ fi
 # always install: from the repo root `import molmoe_lite` would succeed without it, but
 # molmoe_lite.kernels / molmoe_lite.quantize exist only through the install's folder mapping
 python3 -m pip install -q --no-deps --no-build-isolation -e .
-# compile-heavy GPU tests run in parallel workers when pytest-xdist is there
-XDIST=""; timeout 5 python3 -c "import xdist" 2>/dev/null && XDIST="-n 4"
+# compile-heavy GPU tests run in 8 parallel workers when pytest-xdist is there (the GPU image has it;
+# 16 cores, and each worker's CUDA context and test weights take a few GB of the 80)
+XDIST=""; timeout 5 python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 
 timeout 15 python3 benchmarks/gpu_check.py env --out "$OUT"
 # CPU-only, so it overlaps the GPU tests; waited for before any timing runs
