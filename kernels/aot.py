@@ -12,7 +12,8 @@ MolmoE's real sizes (H = 2048, I = 1024, packed rows of 512-2048 bytes, torch's 
 without that the compiled code is the worst case (no 128-bit loads, no cp.async pipelining) and
 under-reports shared memory. Each result also says how the compiled PTX reads memory:
 ``load_bytes`` (the widest global load, 16 = 128-bit vectors) and ``async_copies`` (cp.async
-instructions, present when the tile loop is software-pipelined through shared memory).
+instructions, present when the tile loop is software-pipelined through shared memory), and
+``int_to_float`` (slow conversion instructions; the expert kernels should have none).
 
 Run as ``python -m molmoe_lite.kernels.aot [--arch 86] [--bits 4 8] [--json] [-j 2]``; exit status 0
 when everything compiles and fits, 1 otherwise, 3 when this machine cannot compile for CUDA at all.
@@ -132,7 +133,7 @@ def compile_job(job: dict) -> dict:
         return res
     res["shared"] = int(ck.metadata.shared)
     res["has_cubin"] = "cubin" in ck.asm
-    res.update(ptx_memory_ops(ck.asm.get("ptx", "")))
+    res.update(ptx_summary(ck.asm.get("ptx", "")))
     return res
 
 
@@ -140,12 +141,15 @@ _LOAD_BYTES = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2
                "b32": 4, "u32": 4, "s32": 4, "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8}
 
 
-def ptx_memory_ops(ptx: str) -> dict:
-    """The widest global load in bytes (``ld.global.v4.b32`` = 16) and the cp.async count."""
+def ptx_summary(ptx: str) -> dict:
+    """The widest global load in bytes (``ld.global.v4.b32`` = 16), the cp.async count, and the
+    integer-to-float conversions (``cvt.rn.f32.u16`` etc.: 16 a clock per SM against 128 fp32
+    adds, so the kernels build code values with bit tricks instead, quant_tiles)."""
     widest = 0
     for vec, elem in re.findall(r"ld\.global(?:\.[a-z_0-9:]+)*?(?:\.v(\d))?\.([bfsu]\d+)\s", ptx):
         widest = max(widest, int(vec or 1) * _LOAD_BYTES.get(elem, 0))
-    return {"load_bytes": widest, "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx))}
+    return {"load_bytes": widest, "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+            "int_to_float": len(re.findall(r"cvt\.rn(?:\.[a-z]+)*\.f(?:16|32)\.[us]\d+", ptx))}
 
 
 def toolchain_problem() -> str | None:

@@ -27,6 +27,21 @@ import triton.language as tl
 
 
 @triton.jit
+def nibbles_f32(b, shift: tl.constexpr):
+    # the 4-bit field at ``shift`` of each byte, as an exact fp32, without an int->float convert
+    # (a quarter-rate instruction): OR the field into the mantissa of 2^23 and subtract 2^23
+    field = (b.to(tl.int32) >> shift) & 15
+    return (field | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def int8_f32(q):
+    # int8 codes as exact fp32 without an int->float convert: a signed q added to the bits of
+    # 1.5 * 2^23 moves only the mantissa (|q| < 2^22), then 1.5 * 2^23 is subtracted
+    return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
 def dequant_int4_tile(qw_ptr, s_ptr, z_ptr, n, j, k0, N, kh, ng,
                       GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
     # qw_ptr: uint8 [N, kh = K // 2]; s_ptr, z_ptr: fp16 [N, ng = K // G]
@@ -42,8 +57,8 @@ def dequant_int4_tile(qw_ptr, s_ptr, z_ptr, n, j, k0, N, kh, ng,
         g = (2 * j) // GROUP
         s = tl.load(s_ptr + n * ng + g, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + n * ng + g, mask=mask, other=0.0).to(tl.float32)
-    lo = (b & 15).to(tl.float32)
-    hi = (b >> 4).to(tl.float32)
+    lo = nibbles_f32(b, 0)
+    hi = nibbles_f32(b, 4)
     return (lo - z) * s, (hi - z) * s
 
 
@@ -53,7 +68,7 @@ def dequant_int8_tile(qw_ptr, s_ptr, n, k, k0, N, K, ng,
     # qw_ptr: int8 [N, K]; s_ptr: fp16 [N, ng = K // G]
     row_ok = n < N
     mask = row_ok & (k < K)
-    q = tl.load(qw_ptr + n * K + k, mask=mask, other=0).to(tl.float32)
+    q = int8_f32(tl.load(qw_ptr + n * K + k, mask=mask, other=0))
     if GROUP % BLOCK_K == 0:
         s = tl.load(s_ptr + n * ng + k0 // GROUP, mask=row_ok, other=0.0).to(tl.float32)
     else:
@@ -66,9 +81,10 @@ def dequant_int8_tile(qw_ptr, s_ptr, n, k, k0, N, K, ng,
 # At batch 1 the dequantisation, not the memory, is the budget (an H100 streams ~6.7e12 int4
 # weights/s against ~3e13 lane-ops/s), so the group factors are pulled out of the inner sum:
 #   sum_k (q_k - z) s x_k = s * (sum_k q_k x_k - z * sum_k x_k)   per (row, group),
-# leaving mask/shift, convert and one FMA per weight. Groups are laid out as an explicit tile
-# axis when a step spans several whole groups; odd group sizes (per-channel G = K with K not
-# a power of two) fall back to per-element scales.
+# leaving per weight a mask/shift, an OR and an add that make the code a float (nibbles_f32,
+# int8_f32: an int->float convert runs at 1/8 of the fp32 rate) and one FMA. Groups are laid
+# out as an explicit tile axis when a step spans several whole groups; odd group sizes
+# (per-channel G = K with K not a power of two) fall back to per-element scales.
 
 
 @triton.jit
@@ -82,7 +98,7 @@ def int4_gemv_step(q_base, s_base, z_base, x_row, rows, k0, N, kh, ng,
         xe = tl.load(x_row + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
         xo = tl.load(x_row + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
         b = tl.load(q_base + rows[:, None] * kh + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0)
-        p = tl.sum((b & 15).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32) * xo[None, :], axis=1)
+        p = tl.sum(nibbles_f32(b, 0) * xe[None, :] + nibbles_f32(b, 4) * xo[None, :], axis=1)
         xs = tl.sum(xe + xo, axis=0)
         g = k0 // GROUP
         s = tl.load(s_base + rows * ng + g, mask=row_ok, other=0.0).to(tl.float32)
@@ -96,7 +112,7 @@ def int4_gemv_step(q_base, s_base, z_base, x_row, rows, k0, N, kh, ng,
         xo = tl.load(x_row + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
         b = tl.load(q_base + rows[:, None, None] * kh + j[None, :, :],
                     mask=row_ok[:, None, None] & j_ok[None, :, :], other=0)
-        p = tl.sum((b & 15).to(tl.float32) * xe[None, :, :] + (b >> 4).to(tl.float32) * xo[None, :, :], axis=2)
+        p = tl.sum(nibbles_f32(b, 0) * xe[None, :, :] + nibbles_f32(b, 4) * xo[None, :, :], axis=2)
         xs = tl.sum(xe + xo, axis=1)  # [NGS]
         g = k0 // GROUP + gi
         sz_mask = row_ok[:, None] & (g < ng)[None, :]
@@ -123,7 +139,7 @@ def int8_gemv_step(q_base, s_base, x_row, rows, k0, N, K, ng,
         k_ok = k < K
         xv = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
         q = tl.load(q_base + rows[:, None] * K + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
-        p = tl.sum(q.to(tl.float32) * xv[None, :], axis=1)
+        p = tl.sum(int8_f32(q) * xv[None, :], axis=1)
         s = tl.load(s_base + rows * ng + k0 // GROUP, mask=row_ok, other=0.0).to(tl.float32)
         return s * p
     elif BLOCK_K % GROUP == 0:
@@ -133,7 +149,7 @@ def int8_gemv_step(q_base, s_base, x_row, rows, k0, N, K, ng,
         xv = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
         q = tl.load(q_base + rows[:, None, None] * K + k[None, :, :],
                     mask=row_ok[:, None, None] & k_ok[None, :, :], other=0)
-        p = tl.sum(q.to(tl.float32) * xv[None, :, :], axis=2)  # [BN, NGS]
+        p = tl.sum(int8_f32(q) * xv[None, :, :], axis=2)  # [BN, NGS]
         g = k0 // GROUP + gi
         s = tl.load(s_base + rows[:, None] * ng + g[None, :], mask=row_ok[:, None] & (g < ng)[None, :],
                     other=0.0).to(tl.float32)

@@ -56,18 +56,22 @@ def test_kernel_compiles_within_shared_memory(aot_results, kernel, cap, bits, sh
     if "decode" in kernel:
         # batch-1 decode is a weight stream: every thread's share of a tile is one 128-bit load
         assert r["load_bytes"] == 16, f"{kernel} {shape} {r['tiles']}: widest load {r['load_bytes']} B, want 16"
+    if kernel != "topk_softmax":  # codes become floats by bit tricks, not 1/8-rate conversions
+        assert r["int_to_float"] == 0, f"{kernel} int{bits} on sm_{cap}: {r['int_to_float']} int->float cvt"
     if "grouped" in kernel and cap >= 80:  # cp.async exists from sm_80 on
         assert r["async_copies"] > 0, f"{kernel} int{bits} on sm_{cap}: tile loop not pipelined (no cp.async)"
 
 
-def test_ptx_memory_ops_reads_load_widths():
+def test_ptx_summary_reads_load_widths():
     ptx = """ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
     @%p1 ld.global.L1::evict_last.v2.b32 { %r5, %r6 }, [ %rd2 + 0 ];
     ld.global.b16 %rs1, [ %rd3 + 0 ];
     cp.async.cg.shared.global [ %r7 + 0 ], [ %rd4 + 0 ], 0x10, %r8;
     cp.async.ca.shared.global [ %r9 + 0 ], [ %rd5 + 0 ], 0x4, %r10;"""
-    assert aot.ptx_memory_ops(ptx) == {"load_bytes": 16, "async_copies": 2}
-    assert aot.ptx_memory_ops("ld.global.b16 %rs1, [ %rd3 + 0 ];") == {"load_bytes": 2, "async_copies": 0}
+    assert aot.ptx_summary(ptx) == {"load_bytes": 16, "async_copies": 2, "int_to_float": 0}
+    assert aot.ptx_summary("ld.global.b16 %rs1, [ %rd3 + 0 ];\ncvt.rn.f32.u16 %f1, %rs1;\n"
+                           "cvt.rn.f32.s32 %f2, %r1;\ncvt.f32.bf16 %f3, %rs2;") == {
+        "load_bytes": 2, "async_copies": 0, "int_to_float": 2}
 
 
 DOWN_CFG = {"BLOCK_N": 8, "BLOCK_K": 512}  # shapes of the shipped sm_80+ decode tables
