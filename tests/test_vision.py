@@ -211,6 +211,11 @@ def test_vit_matches_hf_clip(n_crops):
     for block, out in enumerate(ours):
         err = rel_err(out, theirs[block + 1])
         assert err <= 1e-4, f"block {block}: relative error {err:.2e} > 1e-4"
+    # keeping only some blocks' outputs (what the backbone does) returns exactly those, in order
+    keep = (cfg.vision.num_layers - 2, 0)
+    with torch.no_grad():
+        kept = vit(image_to_patches(pixels, cfg.vision.patch_size), n_blocks=cfg.vision.num_layers - 1, keep=keep)
+    assert len(kept) == 2 and all(torch.equal(k, ours[i]) for k, i in zip(kept, keep))
 
 
 # ---- whole backbone against the float64 reference -------------------------------------

@@ -152,17 +152,24 @@ class ViT(nn.Module):
         self.pre_ln = LayerNormFp32(v.emb_dim, eps=v.norm_eps, dtype=dtype)
         self.transformer = BlockCollection(v, dtype)
 
-    def forward(self, patches: torch.Tensor, n_blocks: int | None = None) -> list[torch.Tensor]:
-        """patches [N, P, F] -> the outputs [N, 1+P, D] of the first ``n_blocks`` blocks (default all)."""
+    def forward(self, patches: torch.Tensor, n_blocks: int | None = None,
+                keep: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        """patches [N, P, F] -> the outputs [N, 1+P, D] of the first ``n_blocks`` blocks (default all).
+
+        ``keep``: only these blocks' outputs, in that order; the others are dropped as soon as
+        the next block has run (the 22 blocks MolmoE runs on 13 crops would hold 0.31 GiB in
+        bf16 at the peak of the prefill).
+        """
         x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # [N, P, D]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [N, 1, D]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [N, 1+P, D]
         x = self.pre_ln(x)
-        outputs = []
-        for block in self.transformer.resblocks[:n_blocks]:
+        outputs = {}
+        for i, block in enumerate(self.transformer.resblocks[:n_blocks]):
             x = block(x)
-            outputs.append(x)
-        return outputs
+            if keep is None or i in keep:
+                outputs[i] = x
+        return list(outputs.values()) if keep is None else [outputs[i] for i in keep]
 
 
 class ImageProjector(nn.Module):
@@ -206,8 +213,8 @@ class VisionBackbone(nn.Module):
     def crop_features(self, patches: torch.Tensor) -> torch.Tensor:
         """patches [N, P, F] -> concatenated ViT features [N, P, C] (class position dropped)."""
         # Blocks after the last one used would be computed for nothing.
-        outputs = self.image_vit(patches, n_blocks=max(self.feature_blocks) + 1)
-        return torch.cat([outputs[i] for i in self.feature_blocks], dim=-1)[:, 1:]
+        outputs = self.image_vit(patches, n_blocks=max(self.feature_blocks) + 1, keep=self.feature_blocks)
+        return torch.cat(outputs, dim=-1)[:, 1:]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, n, P, F] -> features [B, n, P, C]; crops with any exact -1.0 are all zeros."""
