@@ -2,26 +2,23 @@
 
 The shipped launch tables (kernels/configs.py) were chosen without a GPU. This times each
 decode kernel alone (gate+up with SwiGLU, and down with the top-k sum) at MolmoE's shapes for
-a set of candidate (BLOCK_N, BLOCK_K, num_warps), so one GPU run tells the next session which
-table entry to ship without spending more GPU time.
+candidate (BLOCK_N, BLOCK_K, num_warps) and, for the down kernel, EXPERT_SPLIT (how many
+programs share a token's experts, moe_gemv.expert_split), so one GPU run tells the next session
+which table entry to ship without spending more GPU time.
 
-The down kernel's candidates also vary EXPERT_SPLIT (how many programs share a token's experts,
-moe_gemv.expert_split).
+Candidates: the shipped launch at each T (``shipped: true`` in its records), its other expert
+splits, then every tile that gives each thread one 128-bit int4 load
+(BLOCK_N * BLOCK_K / 2 = 16 * 32 * num_warps); the down kernel first; at most
+--max-candidates per kernel and bits; each launched exactly as given (``fill_sms: 0``) at
+every T. Method: 16 layers' expert weights are resident (the 50 MB L2 of an H100 cannot hold
+them), one pass launches the kernel once per layer, passes are captured in a CUDA graph and
+replayed (``gpu_check.time_us``). Bytes read: the codes, scales and zeros of the experts the
+tokens picked, plus activations in and out; ``bw_fraction`` is against the device's copy
+bandwidth (OUT/bandwidth.json when gpu_check wrote it, else measured here).
 
-Method: 16 layers' expert weights are resident (the 50 MB L2 of an H100 cannot hold them);
-one pass launches the kernel once per layer; passes are captured in a CUDA graph and replayed
-(``gpu_check.time_us``). Candidates are launched exactly as given (``fill_sms: 0``), each at every
-T; ``shipped: true`` marks what the shipped table launches at that T on this GPU. Order: the down
-kernel first, shipped launches first, then the other expert splits, then other tiles; at most
---max-candidates per kernel and bits.
-Candidates keep each thread's share of an int4 tile at one 128-bit load
-(BLOCK_N * BLOCK_K / 2 = 16 * 32 * num_warps). Bytes read: the codes, scales and zeros of the
-experts the tokens picked, plus activations in and out; ``bw_fraction`` is against the device's
-copy bandwidth (OUT/bandwidth.json when gpu_check wrote it, else measured here).
-
-Writes OUT/decode_sweep.jsonl (one record per candidate, appended as it is measured, so a run
-cut short still reports) and prints the best candidate per (kernel, bits, T). Stops starting
-new candidates after --budget-s seconds (first launches compile, which is most of the cost).
+Writes OUT/decode_sweep.jsonl (one record per candidate and T, appended as measured, so a run
+cut short still reports) and prints the best candidate per (kernel, bits, T). Starts no new
+candidate after --budget-s seconds (first launches compile, which is most of the cost).
 ``--smoke``: tiny shapes under the Triton interpreter on the CPU, two candidates, no timing.
 """
 
