@@ -72,6 +72,13 @@ def moe_experts(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     return moe_grouped(hidden, weights, ids, w13, w2, cfg)
 
 
+def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused routing kernel (routing.topk_softmax), imported on first use like the others."""
+    from .routing import topk_softmax as kernel
+
+    return kernel(logits, top_k, renormalize)
+
+
 def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
               top_k: int, renormalize: bool = False, use_kernels: bool | None = None) -> torch.Tensor:
     """hidden [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I] -> [T, H] in hidden's dtype.
@@ -89,8 +96,6 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, w13: QuantizedW
     if not use_kernels:
         _check_devices(hidden, w13, w2)
         return fused_moe_reference(hidden, router_logits, w13, w2, top_k, renormalize)
-    from .routing import topk_softmax
-
     weights, ids = topk_softmax(router_logits.contiguous(), top_k, renormalize)
     return moe_experts(hidden, weights, ids, w13, w2, use_kernels=True)
 

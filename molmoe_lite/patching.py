@@ -218,11 +218,9 @@ class QuantizedMoEBlock(nn.Module):
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # [T, H]
         router_logits = self.gate(h)  # [T, E]
-        probs = torch.softmax(router_logits.float(), dim=-1)  # over all experts, fp32
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = self.experts(h, weights.to(h.dtype), ids).view(shape)
+        # fp32 softmax over all experts, top-k, optional renormalisation: one kernel on a GPU
+        weights, ids = self.experts.route(router_logits, self.top_k, self.norm_topk_prob)
+        out = self.experts(h, weights, ids).view(shape)
         return (out, router_logits) if self.returns_router_logits else out
 
 

@@ -17,7 +17,8 @@ import contextlib
 import torch
 from torch import nn
 
-from molmoe_lite.kernels.fused_moe import moe_experts, quantized_linear
+from molmoe_lite.kernels.fused_moe import moe_experts, quantized_linear, topk_softmax
+from molmoe_lite.kernels.reference import route
 from molmoe_lite.quantize.format import QuantizedWeight, quantize_weight, resolve_group_size
 
 
@@ -82,6 +83,17 @@ class QuantizedExperts(nn.Module):
         mod.w13 = QuantizedTensor.from_weight(w13)
         mod.w2 = QuantizedTensor.from_weight(w2)
         return mod
+
+    def route(self, logits: torch.Tensor, top_k: int, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] -> (weights fp32 [T, K], ids [T, K]): softmax over all experts in
+        fp32 and top-k, ties to the lowest id. With the kernels, one launch that reads the
+        logits in their dtype and writes what the expert kernels read (fp32 weights, int32
+        ids): torch's softmax, top-k and casts would be four or five small launches per layer
+        in every decode step. MoE blocks call this when their experts module has it."""
+        use = self.use_kernels if self.use_kernels is not None else logits.is_cuda
+        if use:
+            return topk_softmax(logits.contiguous(), top_k, renormalize)
+        return route(logits, top_k, renormalize)
 
     def forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         use = self.use_kernels if self.use_kernels is not None else h.is_cuda

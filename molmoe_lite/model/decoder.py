@@ -237,8 +237,17 @@ class MoEBlock(nn.Module):
         self.experts = DenseExperts(Expert(d, cfg.expert_hidden, dtype) for _ in range(E))
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [T, d] -> routing weights [T, K] (h's dtype) and expert ids [T, K] long."""
-        probs = torch.softmax(self.gate(h).float(), dim=-1)  # [T, E] fp32, over all experts
+        """h [T, d] -> routing weights [T, K] and expert ids [T, K].
+
+        Float experts: the release's way, weights in h's dtype, ids long. Experts modules that
+        route themselves (the quantised ones: one fused kernel) get the logits instead and
+        return fp32 weights.
+        """
+        logits = self.gate(h)  # [T, E]
+        fused = getattr(self.experts, "route", None)
+        if fused is not None:
+            return fused(logits, self.top_k)
+        probs = torch.softmax(logits.float(), dim=-1)  # [T, E] fp32, over all experts
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]; no renormalisation
         return weights.to(h.dtype), ids
 
