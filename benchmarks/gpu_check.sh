@@ -50,7 +50,7 @@ timeout 15 python3 benchmarks/gpu_check.py env --out "$OUT"
 AOT_PID=$!
 # every kernel test (fp32/fp16/bf16 compiled for this GPU) plus the model-on-GPU tests
 timeout 140 python3 -m pytest -q $XDIST -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" \
-  tests/test_kernels_moe.py tests/test_kernels_routing.py tests/test_model_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+  tests/test_kernels_moe.py tests/test_kernels_routing.py tests/test_kernels_norms.py tests/test_model_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
 timeout 10 python3 benchmarks/gpu_check.py tests-summary --out "$OUT"
 wait "$AOT_PID"
 timeout 15 python3 benchmarks/gpu_check.py bandwidth --out "$OUT"

@@ -32,7 +32,8 @@ import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-# kernel key -> (module, kernel function); the four expert kernels take the config tables
+# kernel key -> (module, kernel function); the four expert kernels take the config tables (the
+# routing kernel and the decoder's fused norms are compiled too, at MolmoE's sizes)
 EXPERT_KERNELS = {
     "gate_up_decode": ("moe_gemv", "_gate_up_gemv_kernel"),
     "down_decode": ("moe_gemv", "_down_gemv_kernel"),
@@ -75,6 +76,13 @@ def job_list(archs: list[int], bits_list: list[int]) -> list[dict]:
                      "bits": 0, "shape": "table", "ptrs": _ptr_types(act, 4),
                      "const": {"TOP_K": TOP_K, "BLOCK_K": 8, "BLOCK_E": 64, "RENORMALIZE": False},
                      "options": {"num_warps": 1}})
+        for rope in (False, True):  # the decoder's norms at d_model = 2048 (QK-norm + RoPE: heads of 128)
+            jobs.append({"kernel": "rms_norm_rope" if rope else "rms_norm", "module": "norms", "fn": "_rms_norm_kernel",
+                         "cap": cap, "bits": 0, "shape": "table",
+                         "ptrs": {"x_ptr": "*fp32" if not rope else act, "w_ptr": "*fp32", "out_ptr": act,
+                                  "cos_ptr": "*fp32", "sin_ptr": "*fp32"},
+                         "const": {"PROD": "fp32", "BLOCK": HIDDEN, "ROPE": rope, "HEAD_DIM": 128 if rope else 1},
+                         "scalars": {"eps": "fp32"}, "options": {"num_warps": 8}})
         for key, (mod, fn) in EXPERT_KERNELS.items():
             cfg = table[key]
             for bits in bits_list:
@@ -109,7 +117,12 @@ def compile_job(job: dict) -> dict:
 
     from .configs import SMEM_LIMIT
 
+    import triton.language as tl
+
     kernel = getattr(importlib.import_module(f"molmoe_lite.kernels.{job['module']}"), job["fn"])
+    # dtype constants travel as names (jobs cross process boundaries)
+    const = {k: getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[v]) if k == "PROD" else v
+             for k, v in job["const"].items()}
     sig = {}
     for name in kernel.arg_names:
         if name in job["const"]:
@@ -117,16 +130,16 @@ def compile_job(job: dict) -> dict:
         elif name.endswith("_ptr"):
             sig[name] = job["ptrs"].get(name, "*i32")  # index buffers are int32
         else:
-            sig[name] = "i32"
+            sig[name] = job.get("scalars", {}).get(name, "i32")
     res = {k: job[k] for k in ("kernel", "cap", "bits", "shape")}
     res["tiles"] = {k: v for k, v in job["const"].items() if k.startswith("BLOCK_") or k == "SPLIT"}
     res["limit"] = SMEM_LIMIT[job["cap"]]
     # the JIT's specialisation at MolmoE's sizes: every runtime argument a multiple of 16 except
     # the token count
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-             if sig[name] != "constexpr" and name != "T"}
+             if (sig[name].startswith("*") or sig[name] == "i32") and name != "T"}
     try:
-        ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=job["const"], attrs=attrs),
+        ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
                             target=GPUTarget("cuda", job["cap"], 32), options=job["options"])
     except Exception as exc:  # noqa: BLE001 - reported per job, the caller decides
         res["error"] = f"{type(exc).__name__}: {exc}"[:2000]

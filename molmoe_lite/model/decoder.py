@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molmoe_lite.config import MolmoeConfig
-from molmoe_lite.model.layers import RMSNorm, apply_rope, rope_cos_sin
+from molmoe_lite.model.layers import RMSNorm, rope_cos_sin
 
 
 class DecoderInputError(ValueError):
@@ -172,12 +172,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [B, L, d] compute dtype
         B, L, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        h = self.attn_norm(x).to(self.compute_dtype)
+        h = self.attn_norm(x, self.compute_dtype)
         q, k, v = self.att_proj(h).split([H * D, KV * D, KV * D], dim=-1)  # [B, L, H*D] each
-        q = self.q_norm(q).to(self.compute_dtype)
-        k = self.k_norm(k).to(self.compute_dtype)
-        q = apply_rope(q.view(B, L, H, D).transpose(1, 2), cos, sin)  # [B, H, L, D]
-        k = apply_rope(k.view(B, L, KV, D).transpose(1, 2), cos, sin)  # [B, KV, L, D]
+        q = self.q_norm.rope(q, cos, sin, H, self.compute_dtype)  # [B, H, L, D]
+        k = self.k_norm.rope(k, cos, sin, KV, self.compute_dtype)  # [B, KV, L, D]
         v = v.view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
         if cache_pos is not None:  # static decode: the first S slots, unfilled ones masked in bias
             k, v = cache.write_at(self.layer_idx, cache_pos, k, v)  # [B, KV, max_len, D]
@@ -257,7 +255,7 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, d] residual -> [B, L, d] compute dtype
         B, L, d = x.shape
-        h = self.ff_norm(x).to(self.compute_dtype).reshape(B * L, d)  # [T, d]
+        h = self.ff_norm(x, self.compute_dtype).reshape(B * L, d)  # [T, d]
         weights, ids = self.route(h)
         return self.experts_forward(h, weights, ids).view(B, L, d)
 
@@ -368,7 +366,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, bias, cache)
         if cache is not None:
             cache.length += L
-        return self.ln_f(x).to(self.compute_dtype)
+        return self.ln_f(x, self.compute_dtype)
 
     def decode_static(
         self,
@@ -394,4 +392,4 @@ class Transformer(nn.Module):
         x = inputs_embeds.to(self.residual_dtype)
         for block in self.blocks:
             x = block(x, cos, sin, bias, cache, cache_pos)
-        return self.ln_f(x).to(self.compute_dtype)
+        return self.ln_f(x, self.compute_dtype)

@@ -20,17 +20,51 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """``weight * (x / sqrt(mean(x^2) + eps))``, weight only (no bias)."""
+    """``weight * (x / sqrt(mean(x^2) + eps))``, weight only (no bias).
+
+    On CUDA (``use_kernels`` None) or when ``use_kernels`` is True it runs as one fused Triton
+    kernel (``molmoe_lite.kernels.norms``: the same roundings, one launch instead of eight),
+    and ``rope`` fuses the rotary embedding that follows the QK-norms too.
+    """
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))  # [dim]
+        self.use_kernels: bool | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
+    def _fused(self, x: torch.Tensor) -> bool:
+        if self.use_kernels is not None:
+            return self.use_kernels
+        if not x.is_cuda:
+            return False
+        from molmoe_lite.kernels.fused_moe import kernels_available
+
+        return kernels_available(x.device)
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[..., dim] -> [..., dim], in out_dtype (default: x's and the weight's promoted dtype)."""
+        if self._fused(x):
+            from molmoe_lite.kernels.norms import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, out_dtype)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        out = normed.to(x.dtype) * self.weight
+        return out if out_dtype is None else out.to(out_dtype)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+             out_dtype: torch.dtype) -> torch.Tensor:
+        """x [B, L, n_heads*D] -> the normed, rotated heads [B, n_heads, L, D] in out_dtype:
+        ``apply_rope(self(x).to(out_dtype).view(B, L, n_heads, D).transpose(1, 2), cos, sin)``."""
+        B, L, _ = x.shape
+        D = cos.shape[-1]
+        if self._fused(x):
+            from molmoe_lite.kernels.norms import rms_norm
+
+            y = rms_norm(x, self.weight, self.eps, out_dtype, rope=(cos, sin))
+            return y.view(B, L, n_heads, D).transpose(1, 2)
+        return apply_rope(self(x, out_dtype).view(B, L, n_heads, D).transpose(1, 2), cos, sin)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
