@@ -76,12 +76,15 @@ def job_list(archs: list[int], bits_list: list[int]) -> list[dict]:
                      "bits": 0, "shape": "table", "ptrs": _ptr_types(act, 4),
                      "const": {"TOP_K": TOP_K, "BLOCK_K": 8, "BLOCK_E": 64, "RENORMALIZE": False},
                      "options": {"num_warps": 1}})
-        for rope in (False, True):  # the decoder's norms at d_model = 2048 (QK-norm + RoPE: heads of 128)
-            jobs.append({"kernel": "rms_norm_rope" if rope else "rms_norm", "module": "norms", "fn": "_rms_norm_kernel",
-                         "cap": cap, "bits": 0, "shape": "table",
-                         "ptrs": {"x_ptr": "*fp32" if not rope else act, "w_ptr": "*fp32", "out_ptr": act,
-                                  "cos_ptr": "*fp32", "sin_ptr": "*fp32"},
-                         "const": {"PROD": "fp32", "BLOCK": HIDDEN, "ROPE": rope, "HEAD_DIM": 128 if rope else 1},
+        # the decoder's norms at d_model = 2048: norm, residual add + norm, QK-norm + RoPE (heads of 128)
+        for name, rope, residual in (("rms_norm", False, False), ("add_rms_norm", False, True),
+                                     ("rms_norm_rope", True, False)):
+            jobs.append({"kernel": name, "module": "norms", "fn": "_rms_norm_kernel", "cap": cap, "bits": 0,
+                         "shape": "table",
+                         "ptrs": {"x_ptr": act if rope else "*fp32", "w_ptr": "*fp32", "out_ptr": act,
+                                  "cos_ptr": "*fp32", "sin_ptr": "*fp32", "delta_ptr": act, "sum_ptr": "*fp32"},
+                         "const": {"PROD": "fp32", "BLOCK": HIDDEN, "ROPE": rope, "HEAD_DIM": 128 if rope else 1,
+                                   "RESIDUAL": residual},
                          "scalars": {"eps": "fp32"}, "options": {"num_warps": 8}})
         for key, (mod, fn) in EXPERT_KERNELS.items():
             cfg = table[key]

@@ -56,6 +56,10 @@ class StaticDecoder:
         self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
         d = model.config.d_model
         self.embeds = torch.zeros(cache.batch, 1, d, dtype=model.compute_dtype, device=dev)
+        # with the token table on the model's device the lookup joins the captured step (its ids
+        # come in through a static buffer); a table kept in CPU memory (`small`) stays outside
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=dev)
+        self.embed_in_step = model.model.transformer.wte.embedding.device == dev
         reason = graph_capturable(model) if use_graph is not False else "disabled"
         self.use_graph = reason is None
         if reason is not None and use_graph is None and dev.type == "cuda":
@@ -66,7 +70,9 @@ class StaticDecoder:
     def _run(self, kv_len: int) -> torch.Tensor:
         """The captured work: mark this slot real, run the step, project to logits."""
         self.mask.index_fill_(1, self.pos, True)
-        hidden = self.model.model.transformer.decode_static(self.embeds, self.mask, self.cache, self.pos, kv_len)
+        transformer = self.model.model.transformer
+        embeds = transformer.embed(self.tokens, check=False) if self.embed_in_step else self.embeds
+        hidden = transformer.decode_static(embeds, self.mask, self.cache, self.pos, kv_len)
         return self.model.logits(hidden)[:, -1]  # [B, vocab]
 
     def _capture(self, kv_len: int) -> None:
@@ -101,8 +107,10 @@ class StaticDecoder:
         """Feed one token per row ([B] long); logits [B, vocab] for the next one."""
         if self.cache.length + 1 > self.cache.max_len:
             raise ValueError(f"KV cache full: {self.cache.length} of {self.cache.max_len} slots used")
-        # the embedding lookup stays outside the graph: its table may live on the CPU (`small`)
-        self.embeds.copy_(self.model.model.transformer.embed(tokens.view(-1, 1), check=False))
+        if self.embed_in_step:
+            self.tokens.copy_(tokens.view(-1, 1))
+        else:
+            self.embeds.copy_(self.model.model.transformer.embed(tokens.view(-1, 1), check=False))
         kv_len = self._bucket_len() if self.use_graph else self.cache.length + 1
         if self.use_graph and kv_len not in self.graphs:
             try:

@@ -57,6 +57,26 @@ def test_rms_norm_matches_torch(shape, dtype, residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_residual_add_and_norm_match_torch(shape, dtype):
+    """x (fp32 residual) + delta (a block's output, compute dtype), then the norm: the sum is
+    one rounding either way, so it must be identical; the norm agrees to a rounding."""
+    lead, width = shape
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(*lead, width, generator=g).to(DEVICE)
+    delta = torch.randn(*lead, width, generator=g).to(DEVICE, dtype)
+    norm = make_norm(width, torch.float32, seed=5)
+    with torch.no_grad():
+        ref_sum, ref = norm.add_forward(x, delta, dtype)
+        norm.use_kernels = True
+        got_sum, got = norm.add_forward(x, delta, dtype)
+        first_sum, first = norm.add_forward(x, None, dtype)  # the first block: nothing pending
+    assert got_sum.dtype == torch.float32 and torch.equal(got_sum, ref_sum)
+    assert got.dtype == dtype and rel_err(got, ref) <= TOL[dtype]
+    assert first_sum is x and rel_err(first, norm(x, dtype)) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", [1, 4], ids=["one_head", "four_heads"])
 @pytest.mark.parametrize("length", [1, 6], ids=["decode", "prefill"])
 def test_rms_norm_with_rope_matches_torch(heads, length, dtype):

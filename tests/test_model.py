@@ -151,7 +151,9 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_model):
         tiny_model.generate_from_batch(inputs, max_new_tokens=ctx)
 
 
-def test_static_decode_steps_equal_full_recomputation(tiny_model, image_inputs):
+@pytest.mark.parametrize("embed_in_step", [True, False], ids=["lookup_in_step", "table_elsewhere"])
+def test_static_decode_steps_equal_full_recomputation(tiny_model, image_inputs, embed_in_step):
+    # table_elsewhere: the lookup runs before the step, as with `small`'s CPU-resident table on a GPU
     from molmoe_lite.fast_decode import StaticDecoder
 
     ids = image_inputs["input_ids"]
@@ -165,6 +167,8 @@ def test_static_decode_steps_equal_full_recomputation(tiny_model, image_inputs):
         first = tiny_model(**image_inputs, cache=cache, logits_at="last")[0, -1]
         decoder = StaticDecoder(tiny_model, cache, torch.ones(1, ids.numel(), dtype=torch.bool))
         assert not decoder.use_graph and not decoder.captured  # CPU: eager
+        assert decoder.embed_in_step  # the table is on the model's device
+        decoder.embed_in_step = embed_in_step
         steps = [first] + [decoder.step(t.view(1)).clone()[0] for t in extra]
     assert cache.length == full_ids.numel()
     assert _rel(torch.stack(steps), full[ids.numel() - 1 :]) <= 1e-4

@@ -170,9 +170,12 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         cache_pos: torch.Tensor | None = None,  # [1] long: static decode writes this slot
     ) -> torch.Tensor:  # [B, L, d] compute dtype
-        B, L, _ = x.shape
+        return self.forward_normed(self.attn_norm(x, self.compute_dtype), cos, sin, bias, cache, cache_pos)
+
+    def forward_normed(self, h, cos, sin, bias, cache: KVCache | None = None, cache_pos=None) -> torch.Tensor:
+        """``forward`` from attn_norm's output h [B, L, d] (compute dtype) on."""
+        B, L, _ = h.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        h = self.attn_norm(x, self.compute_dtype)
         q, k, v = self.att_proj(h).split([H * D, KV * D, KV * D], dim=-1)  # [B, L, H*D] each
         q = self.q_norm.rope(q, cos, sin, H, self.compute_dtype)  # [B, H, L, D]
         k = self.k_norm.rope(k, cos, sin, KV, self.compute_dtype)  # [B, KV, L, D]
@@ -254,8 +257,12 @@ class MoEBlock(nn.Module):
         return self.experts(h, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, d] residual -> [B, L, d] compute dtype
-        B, L, d = x.shape
-        h = self.ff_norm(x, self.compute_dtype).reshape(B * L, d)  # [T, d]
+        return self.forward_normed(self.ff_norm(x, self.compute_dtype))
+
+    def forward_normed(self, h: torch.Tensor) -> torch.Tensor:
+        """``forward`` from ff_norm's output h [B, L, d] (compute dtype) on."""
+        B, L, d = h.shape
+        h = h.reshape(B * L, d)  # [T, d]
         weights, ids = self.route(h)
         return self.experts_forward(h, weights, ids).view(B, L, d)
 
@@ -264,17 +271,27 @@ class MoEBlock(nn.Module):
 # Block and model
 # ---------------------------------------------------------------------------------------
 class Block(nn.Module):
-    """Pre-norm residual block; the norms live inside attn and mlp (release key layout)."""
+    """Pre-norm residual block; the norms live inside attn and mlp (release key layout).
+
+    ``forward(x, ..., pending)`` takes the residual stream x and the previous block's MoE
+    output not yet added to it, and returns (x, this block's MoE output): each residual add is
+    done by the norm that follows it (``RMSNorm.add_forward``: one kernel on a GPU for the
+    add and the norm), the last one by ln_f. The math is x += attn(attn_norm(x));
+    x += mlp(ff_norm(x)), as in the release; adding a compute-dtype update to the fp32
+    residual promotes to fp32.
+    """
 
     def __init__(self, cfg: MolmoeConfig, layer_idx: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.attn = Attention(cfg, layer_idx, dtype)
         self.mlp = MoEBlock(cfg, dtype)
 
-    def forward(self, x, cos, sin, bias, cache: KVCache | None = None, cache_pos=None) -> torch.Tensor:
-        # Adding a compute-dtype update to a fp32 residual promotes to fp32 (the fp16 path).
-        x = x + self.attn(x, cos, sin, bias, cache, cache_pos)
-        return x + self.mlp(x)
+    def forward(self, x, cos, sin, bias, cache: KVCache | None = None, cache_pos=None,
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        cd = self.attn.compute_dtype
+        x, h = self.attn.attn_norm.add_forward(x, pending, cd)
+        x, h = self.mlp.ff_norm.add_forward(x, self.attn.forward_normed(h, cos, sin, bias, cache, cache_pos), cd)
+        return x, self.mlp.forward_normed(h)
 
 
 class Transformer(nn.Module):
@@ -296,6 +313,7 @@ class Transformer(nn.Module):
         self.wte = Embedding(cfg.embedding_size, cfg.additional_vocab_size, cfg.d_model, dtype)
         self.blocks = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.layer_norm_eps, self.residual_dtype)
+        self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def embed(self, input_ids: torch.Tensor, check: bool = True) -> torch.Tensor:
         """input_ids [B, L] long (-1 = padding) -> embeddings [B, L, d] in the compute dtype.
@@ -361,12 +379,23 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)  # [B, L, D]
         bias = attention_bias(key_mask, past, L, self.compute_dtype)  # [B, 1, L, S]
-        x = inputs_embeds.to(self.residual_dtype)
+        x, pending = inputs_embeds.to(self.residual_dtype), None
         for block in self.blocks:
-            x = block(x, cos, sin, bias, cache)
+            x, pending = block(x, cos, sin, bias, cache, pending=pending)
         if cache is not None:
             cache.length += L
-        return self.ln_f(x, self.compute_dtype)
+        return self.ln_f.add_forward(x, pending, self.compute_dtype)[1]
+
+    def _rope_tables(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, D] for positions 0..n-1, made once per (n, device): a decode step then looks
+        its angles up (one gather each) instead of computing them (eight small kernels). The
+        same formula on the same integers, so the same values as ``rope_cos_sin``."""
+        key = (n, device)
+        if key not in self._rope_cache:
+            positions = torch.arange(n, device=device)[None]
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+            self._rope_cache[key] = (cos[0], sin[0])
+        return self._rope_cache[key]
 
     def decode_static(
         self,
@@ -383,13 +412,14 @@ class Transformer(nn.Module):
         graph serves a range of positions. ``cache.length`` is not advanced; the caller
         tracks the position.
         """
+        cos_table, sin_table = self._rope_tables(key_mask.shape[1], key_mask.device)
         key_mask = key_mask[:, :kv_len]  # [B, S]
-        position = key_mask.sum(-1, keepdim=True) - 1  # [B, 1]: real tokens before this one
-        cos, sin = rope_cos_sin(position, self.cfg.head_dim, self.cfg.rope_theta)  # [B, 1, D]
+        position = key_mask.sum(-1) - 1  # [B]: real tokens before this one
+        cos, sin = cos_table[position][:, None], sin_table[position][:, None]  # [B, 1, D]
         # slots after cache_pos are never set in key_mask, so the key mask alone is causal here
         bias = torch.zeros(key_mask.shape, dtype=self.compute_dtype, device=key_mask.device)
         bias = bias.masked_fill_(~key_mask, torch.finfo(self.compute_dtype).min)[:, None, None]  # [B,1,1,S]
-        x = inputs_embeds.to(self.residual_dtype)
+        x, pending = inputs_embeds.to(self.residual_dtype), None
         for block in self.blocks:
-            x = block(x, cos, sin, bias, cache, cache_pos)
-        return self.ln_f(x, self.compute_dtype)
+            x, pending = block(x, cos, sin, bias, cache, cache_pos, pending)
+        return self.ln_f.add_forward(x, pending, self.compute_dtype)[1]

@@ -53,6 +53,19 @@ class RMSNorm(nn.Module):
         out = normed.to(x.dtype) * self.weight
         return out if out_dtype is None else out.to(out_dtype)
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None,
+                    out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add before a norm: (x + delta, self(x + delta)); delta None: (x, self(x)).
+        One kernel for both on a GPU."""
+        if delta is None:
+            return x, self(x, out_dtype)
+        if self._fused(x):
+            from molmoe_lite.kernels.norms import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, out_dtype, delta=delta)
+        x = x + delta
+        return x, self(x, out_dtype)
+
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
              out_dtype: torch.dtype) -> torch.Tensor:
         """x [B, L, n_heads*D] -> the normed, rotated heads [B, n_heads, L, D] in out_dtype:
