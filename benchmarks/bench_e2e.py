@@ -3,7 +3,7 @@
 Providers (``--providers``, comma-separated; all by default):
 
   release_bf16_loop  dense bf16 model, the release's way: Python loop over the experts that
-                     got tokens, eager decode with a growing KV cache
+                     got tokens, eager decode with a growing KV cache, RMSNorm as torch ops
   ours_bf16          the same dense weights through our generation path (StaticDecoder:
                      static KV cache, fixed shapes; no CUDA graph with dense experts)
   int8, int4         experts quantised on the GPU with ``molmoe_lite.patch(model, bits=...)``,
@@ -12,7 +12,8 @@ Providers (``--providers``, comma-separated; all by default):
                      att_proj/attn_out/lm_head int4, the ViT's linears int8, token embeddings
                      in CPU memory
   nf4_dense          bitsandbytes NF4 (blocksize 64) on the dense reference's expert and
-                     attention linears, release-style eager decode; skipped without bitsandbytes
+                     attention linears, release-style eager decode and torch RMSNorm; skipped
+                     without bitsandbytes
 
 Per provider: time to first token for one 1920x1080 image (processor + ViT + prefill of
 ~1,200 tokens + the first token on the host; median of ``--ttft-repeats`` after a warm-up),
@@ -174,8 +175,15 @@ def _method(args, provider: str) -> str:
 def prepare(provider: str, model, args) -> dict:
     """Turn the dense model into ``provider``'s, in place; what was done, for the record."""
     from molmoe_lite import patch
+    from molmoe_lite.model.layers import RMSNorm
 
     info: dict = {}
+    # the release's RMSNorm is torch ops; every other provider gets the fused norm kernels on CUDA
+    release = provider in ("release_bf16_loop", "nf4_dense")
+    for mod in model.modules():
+        if isinstance(mod, RMSNorm):
+            mod.use_kernels = False if release else None
+    info["fused_norms"] = not release
     if provider in ("int8", "int4", "int4_small"):
         method = _method(args, provider)
         t0 = time.perf_counter()
