@@ -113,8 +113,10 @@ def _down_gemv_kernel(act_ptr,  # [T*K, I] x's dtype
     else:
         tl.store(partial_ptr + (split * T + tok) * H + n, acc, mask=n_ok)
         tile = tok * tl.num_programs(1) + pid_n
-        # acq_rel: this split's partial is visible before its arrival is counted, and the last
-        # split to arrive sees every partial (read past L1, which is not coherent across SMs)
+        # every warp's partial stores come before the one thread that counts the arrival; acq_rel:
+        # the partial is visible before its arrival is counted, and the last split to arrive sees
+        # every partial (read past L1, which is not coherent across SMs)
+        tl.debug_barrier()
         done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT - 1:
             total = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -209,15 +211,18 @@ def expert_split(cfg: dict, top_k: int, programs: int, sms: int | None) -> int:
     return min(split, top_k)
 
 
-_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_ARRIVALS: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
 
 def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` zeroed int32 counters, one per output tile, kept per (device, n) for the process:
-    the kernel leaves them at zero, so no memset runs per call and a CUDA graph replays
-    without one; never freed, so a captured graph's pointer stays valid. Allocated by the
-    first call of a shape, which runs before any capture (warm-up)."""
-    key = (device, n)
+    """``n`` zeroed int32 counters, one per output tile, kept per (device, n, stream) for the
+    process: the kernel leaves them at zero, so no memset runs per call and a CUDA graph
+    replays without one; never freed, so a captured graph's pointer stays valid. Per stream,
+    so launches that may overlap (other streams) never share counters; launches on one stream
+    are ordered. A first call inside a capture allocates from the graph's pool, which the
+    dictionary's reference keeps alive."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, n, stream)
     if key not in _ARRIVALS:
         _ARRIVALS[key] = torch.zeros(n, dtype=torch.int32, device=device)
     return _ARRIVALS[key]

@@ -47,7 +47,9 @@ def _topk_softmax_kernel(logits_ptr,  # [T, E] any float dtype, row stride strid
     top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k in tl.static_range(TOP_K):
         m = tl.max(p, axis=0)
-        idx = tl.min(tl.where(p == m, offs, BLOCK_E), axis=0)
+        # min(..., E - 1): a NaN row matches nothing; it still yields an in-range id (and a NaN
+        # weight), never an expert past the weight tensor
+        idx = tl.minimum(tl.min(tl.where(p == m, offs, BLOCK_E), axis=0), E - 1)
         top_w = tl.where(offs_k == k, m, top_w)
         top_i = tl.where(offs_k == k, idx, top_i)
         p = tl.where(offs == idx, -2.0, p)

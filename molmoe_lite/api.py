@@ -183,8 +183,11 @@ def load(
     model, on_read, on_cpu = build_skeleton(config, dtype, quant, preset)
     # the model chose each tensor's dtype (fp32 norms in a float16 model, uint8 codes, fp16 scales)
     wanted = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    shapes = {k: shape for k, (shape, _) in wanted.items() if k.rpartition(".")[0] not in on_read}
-    shapes.update({f"{name}.weight": model.get_submodule(name).shape for name in on_read})  # float on disk
+    # on disk, a linear quantised on read holds its float weight (and its bias, if any, as is)
+    quantised_leaves = ("qweight", "scales", "zeros")
+    shapes = {k: shape for k, (shape, _) in wanted.items()
+              if not (k.rpartition(".")[0] in on_read and k.rpartition(".")[2] in quantised_leaves)}
+    shapes.update({f"{name}.weight": model.get_submodule(name).shape for name in on_read})
     state: dict[str, torch.Tensor] = {}
     # When every tensor is copied on its way in (to a GPU or another dtype), map a .bin shared:
     # a private mapping of the 29 GB release is refused on machines with less RAM + swap.
@@ -204,7 +207,13 @@ def load(
             elif key in wanted and key not in state:
                 # one tensor at a time: each is converted before the next is read
                 target = "cpu" if key.startswith(on_cpu) else device
-                state[key] = reader.get(key).to(device=target, dtype=wanted[key][1])
+                src = reader.get(key)
+                t = src.to(device=target, dtype=wanted[key][1])
+                if copies and t.data_ptr() == src.data_ptr():
+                    # still a view of the shared, writable mapping (a CPU-kept tensor already in
+                    # the wanted dtype): copy it, so the model never writes into the checkpoint
+                    t = t.clone()
+                state[key] = t
         model.load_state_dict(state, assign=True, strict=True)
     model.eval()
     model.processor = Processor.from_pretrained(folder)

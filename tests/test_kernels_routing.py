@@ -133,3 +133,16 @@ def test_group_by_expert_invariants(case):
     expected_blocks = int(((g.counts.cpu() + bm - 1) // bm).sum())
     assert used == expected_blocks <= g.max_blocks
     assert (g.block_expert.cpu()[used:] == e).all(), "used blocks come first"
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_logits_still_give_in_range_ids(bad):
+    """A NaN (or overflowed) router row must not send the expert kernels past the weights."""
+    from molmoe_lite.kernels.routing import topk_softmax
+
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    logits[1] = float(bad)
+    w, ids = topk_softmax(logits, 2)
+    assert (ids >= 0).all() and (ids < 8).all()
+    good_w, good_ids = topk_softmax(logits[[0, 2]], 2)
+    assert torch.equal(ids[[0, 2]], good_ids) and torch.equal(w[[0, 2]], good_w)  # other rows untouched

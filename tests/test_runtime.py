@@ -54,6 +54,24 @@ def test_small_preset_on_read_equals_the_preset_applied_after_loading(tiny_relea
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_loaded_tensors_never_write_into_the_checkpoint(tiny_release, tmp_path):
+    """A load that maps the file shared (every tensor is converted on the way in) must copy even
+    the tensors that need no conversion: here a bf16 .bin loaded in bf16, small preset (the
+    token table stays on the CPU, as on a GPU). Writing into the model leaves the file alone."""
+    import shutil
+
+    folder = tmp_path / "bf16-release"
+    shutil.copytree(tiny_release, folder)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save({k: v.bfloat16() for k, v in state.items()}, folder / "pytorch_model.bin")
+    model = load(folder, device="cpu", dtype="bfloat16", preset="small")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    again = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    assert all(torch.equal(again[k], v.bfloat16()) for k, v in state.items())
+
+
 def test_vit_int8_keeps_image_features_close(tiny_model):
     """The small preset's int8 per-channel ViT alone, against the float ViT (tiny random weights)."""
     vit_only = copy.deepcopy(tiny_model)
