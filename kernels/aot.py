@@ -76,15 +76,18 @@ def job_list(archs: list[int], bits_list: list[int]) -> list[dict]:
                      "bits": 0, "shape": "table", "ptrs": _ptr_types(act, 4),
                      "const": {"TOP_K": TOP_K, "BLOCK_K": 8, "BLOCK_E": 64, "RENORMALIZE": False},
                      "options": {"num_warps": 1}})
-        # the decoder's norms at d_model = 2048: norm, residual add + norm, QK-norm + RoPE (heads of 128)
-        for name, rope, residual in (("rms_norm", False, False), ("add_rms_norm", False, True),
-                                     ("rms_norm_rope", True, False)):
+        # the decoder's norms at d_model = 2048: norm, residual add + norm, QK-norm + RoPE (heads of
+        # 128), and the k-norm + RoPE that writes k and v into their KV-cache slot
+        for name, rope, residual, to_cache in (("rms_norm", False, False, False), ("add_rms_norm", False, True, False),
+                                               ("rms_norm_rope", True, False, False),
+                                               ("rms_norm_rope_to_cache", True, False, True)):
             jobs.append({"kernel": name, "module": "norms", "fn": "_rms_norm_kernel", "cap": cap, "bits": 0,
                          "shape": "table",
                          "ptrs": {"x_ptr": act if rope else "*fp32", "w_ptr": "*fp32", "out_ptr": act,
-                                  "cos_ptr": "*fp32", "sin_ptr": "*fp32", "delta_ptr": act, "sum_ptr": "*fp32"},
+                                  "cos_ptr": "*fp32", "sin_ptr": "*fp32", "delta_ptr": act, "sum_ptr": "*fp32",
+                                  "v_ptr": act, "vc_ptr": act, "pos_ptr": "*i64"},
                          "const": {"PROD": "fp32", "BLOCK": HIDDEN, "ROPE": rope, "HEAD_DIM": 128 if rope else 1,
-                                   "RESIDUAL": residual},
+                                   "RESIDUAL": residual, "TO_CACHE": to_cache},
                          "scalars": {"eps": "fp32"}, "options": {"num_warps": 8}})
         for key, (mod, fn) in EXPERT_KERNELS.items():
             cfg = table[key]

@@ -37,9 +37,10 @@ def _scaled(x, w_ptr, cols, ok, inv_rms, X_DTYPE: tl.constexpr, PROD: tl.constex
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, delta_ptr, sum_ptr,
-                     N, stride_x, stride_o, stride_d, eps,
+                     v_ptr, vc_ptr, pos_ptr,  # TO_CACHE: v rows, the v cache, the slot (a [1] tensor)
+                     N, stride_x, stride_o, stride_d, stride_v, max_len, eps,
                      PROD: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     RESIDUAL: tl.constexpr):
+                     RESIDUAL: tl.constexpr, TO_CACHE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -68,7 +69,54 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, delta_ptr, sum_ptr
         cos = tl.load(cos_ptr + row * HEAD_DIM + dd, mask=ok, other=0.0)
         sin = tl.load(sin_ptr + row * HEAD_DIM + dd, mask=ok, other=0.0)
         y = y * cos + tl.where(first, -yp, yp) * sin
-    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+    if TO_CACHE:
+        # row = batch row of a one-token step; out_ptr / vc_ptr are caches [B, N/D, max_len, D]:
+        # this row's heads go to slot pos, and v's row is copied beside them
+        pos = tl.load(pos_ptr)
+        slot = ((row * (N // HEAD_DIM) + cols // HEAD_DIM) * max_len + pos) * HEAD_DIM + cols % HEAD_DIM
+        tl.store(out_ptr + slot, y.to(out_ptr.dtype.element_ty), mask=ok)
+        v = tl.load(v_ptr + row * stride_v + cols, mask=ok, other=0.0)
+        tl.store(vc_ptr + slot, v.to(vc_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _launch(rows, weight, out, eps, prod, cos, sin, deltas, total, v_rows, v_cache, pos, max_len, head_dim,
+            rope: bool, residual: bool, to_cache: bool) -> None:
+    n = rows.shape[1]
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, weight, out, cos, sin, deltas, total, v_rows, v_cache, pos,
+        n, rows.stride(0), out.stride(0) if out.dim() == 2 else 0, deltas.stride(0), v_rows.stride(0), max_len,
+        float(eps), PROD=_TL[prod], BLOCK=block, ROPE=rope, HEAD_DIM=head_dim, RESIDUAL=residual,
+        TO_CACHE=to_cache, num_warps=max(1, min(8, block // 256)))
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    rows = t.reshape(-1, n)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def rms_norm_rope_to_cache(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, eps: float,
+                           cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           pos: torch.Tensor) -> None:
+    """One decode step's keys and values into their cache slot, in one launch: k [B, 1, N]
+    normed and rotated (as ``rms_norm(k, ..., rope=(cos, sin))`` in the cache's dtype), v
+    [B, 1, N] copied; caches [B, N/D, max_len, D] contiguous, ``pos`` a device tensor [1]
+    (graph-capturable: no Python int from the device). Replaces the norm kernel and two
+    ``index_copy_`` launches."""
+    n = k.shape[-1]
+    rows, v_rows = _rows(k, n), _rows(v, n)
+    B, heads, max_len, head_dim = k_cache.shape
+    if rows.shape[0] != B or heads * head_dim != n or v_cache.shape != k_cache.shape:
+        raise ValueError(f"rms_norm_rope_to_cache: one token per row of the cache; k {tuple(k.shape)}, "
+                         f"cache {tuple(k_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("rms_norm_rope_to_cache: the caches must be contiguous")
+    c, s = (t.reshape(B, -1).float().contiguous() for t in (cos, sin))
+    prod = torch.promote_types(k.dtype, weight.dtype)
+    _launch(rows, weight, k_cache, eps, prod, c, s, rows, rows, v_rows, v_cache, pos, max_len, head_dim,
+            rope=True, residual=False, to_cache=True)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None,
@@ -85,17 +133,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     if rope is not None and delta is not None:
         raise ValueError("rms_norm: rope and delta together are not supported")
     n = x.shape[-1]
-    rows = x.reshape(-1, n)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x, n)
     sum_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
     prod = torch.promote_types(sum_dtype, weight.dtype)
     out = torch.empty(rows.shape, dtype=out_dtype or prod, device=x.device)
     total = deltas = rows  # not touched without delta
     if delta is not None:
-        deltas = delta.reshape(-1, n)
-        if deltas.stride(-1) != 1:
-            deltas = deltas.contiguous()
+        deltas = _rows(delta, n)
         total = torch.empty(rows.shape, dtype=sum_dtype, device=x.device)
     head_dim = 1
     cos = sin = rows  # not read without rope
@@ -105,11 +149,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
         if n % head_dim or head_dim % 2:
             raise ValueError(f"rms_norm: width {n} is not a whole number of even heads of {head_dim}")
     if rows.shape[0]:
-        block = triton.next_power_of_2(n)
-        _rms_norm_kernel[(rows.shape[0],)](
-            rows, weight, out, cos, sin, deltas, total, n, rows.stride(0), out.stride(0), deltas.stride(0),
-            float(eps), PROD=_TL[prod], BLOCK=block, ROPE=rope is not None, HEAD_DIM=head_dim,
-            RESIDUAL=delta is not None, num_warps=max(1, min(8, block // 256)))
+        _launch(rows, weight, out, eps, prod, cos, sin, deltas, total, rows, rows, rows, 1, head_dim,
+                rope=rope is not None, residual=delta is not None, to_cache=False)
     if delta is None:
         return out.view(x.shape)
     return total.view(x.shape), out.view(x.shape)

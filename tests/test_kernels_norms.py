@@ -114,3 +114,37 @@ def test_decoder_through_the_fused_norms(tiny_model):
             for m in norms:
                 m.use_kernels = None
     assert rel_err(got, ref) <= 1e-5
+
+
+def test_static_decode_through_the_fused_kernels(tiny_model, monkeypatch):
+    """Decode steps with the fused norms, keys and values written to their cache slot by the
+    k-norm kernel: the same logits and cache contents as the torch path."""
+    import molmoe_lite.kernels.norms as norms_module
+    from molmoe_lite.fast_decode import StaticDecoder
+    from molmoe_lite.model.layers import RMSNorm as Norm
+
+    calls = []
+    to_cache = norms_module.rms_norm_rope_to_cache
+    monkeypatch.setattr(norms_module, "rms_norm_rope_to_cache", lambda *a: calls.append(1) or to_cache(*a))
+    ids, extra = torch.tensor([[5, 9, 3, 7, 1]]), [11, 4, 8]
+    norms = [m for m in tiny_model.modules() if isinstance(m, Norm)]
+
+    def decode(fused: bool):
+        for m in norms:
+            m.use_kernels = fused
+        cache = tiny_model.new_cache(1, 12)
+        tiny_model(ids, attention_mask=ids != -1, cache=cache, logits_at="last")
+        dec = StaticDecoder(tiny_model, cache, ids != -1)
+        logits = torch.stack([dec.step(torch.tensor([t])).clone()[0] for t in extra])
+        return logits, cache.k.clone(), cache.v.clone()
+
+    try:
+        with torch.no_grad():
+            ref, got = decode(False), decode(True)
+    finally:
+        for m in norms:
+            m.use_kernels = None
+    assert len(calls) == len(extra) * tiny_model.config.n_layers
+    assert rel_err(got[0], ref[0]) <= 1e-5
+    # keys and values of every layer and step (they differ by the roundings upstream)
+    assert rel_err(got[1], ref[1]) <= 1e-6 and rel_err(got[2], ref[2]) <= 1e-6

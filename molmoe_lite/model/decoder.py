@@ -178,14 +178,20 @@ class Attention(nn.Module):
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.att_proj(h).split([H * D, KV * D, KV * D], dim=-1)  # [B, L, H*D] each
         q = self.q_norm.rope(q, cos, sin, H, self.compute_dtype)  # [B, H, L, D]
-        k = self.k_norm.rope(k, cos, sin, KV, self.compute_dtype)  # [B, KV, L, D]
-        v = v.view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
+        layer = self.layer_idx
+        if cache_pos is not None and self.k_norm.rope_to_cache(k, v, cos, sin, cache.k[layer], cache.v[layer],
+                                                               cache_pos):
+            k, v = cache.k[layer], cache.v[layer]  # static decode, fused: k and v written to the slot
+        else:
+            k = self.k_norm.rope(k, cos, sin, KV, self.compute_dtype)  # [B, KV, L, D]
+            v = v.view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
+            if cache_pos is not None:
+                k, v = cache.write_at(layer, cache_pos, k, v)  # [B, KV, max_len, D]
+            elif cache is not None:
+                k, v = cache.update(layer, k, v)  # [B, KV, S, D]
         if cache_pos is not None:  # static decode: the first S slots, unfilled ones masked in bias
-            k, v = cache.write_at(self.layer_idx, cache_pos, k, v)  # [B, KV, max_len, D]
             S = bias.shape[-1]
             k, v = k[:, :, :S], v[:, :, :S]  # [B, KV, S, D]
-        elif cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # [B, KV, S, D]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(D))  # [B, H, L, D]
         return self.attn_out(o.transpose(1, 2).reshape(B, L, H * D))
 
