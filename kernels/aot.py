@@ -89,6 +89,9 @@ def job_list(archs: list[int], bits_list: list[int]) -> list[dict]:
                          "const": {"PROD": "fp32", "BLOCK": HIDDEN, "ROPE": rope, "HEAD_DIM": 128 if rope else 1,
                                    "RESIDUAL": residual, "TO_CACHE": to_cache},
                          "scalars": {"eps": "fp32"}, "options": {"num_warps": 8}})
+        jobs.append({"kernel": "embedding", "module": "norms", "fn": "_embedding_kernel", "cap": cap, "bits": 0,
+                     "shape": "table", "ptrs": {"ids_ptr": "*i64", "table_ptr": act, "new_ptr": act, "out_ptr": act},
+                     "const": {"HAS_NEW": True, "BLOCK": HIDDEN}, "options": {"num_warps": 8}})
         for key, (mod, fn) in EXPERT_KERNELS.items():
             cfg = table[key]
             for bits in bits_list:

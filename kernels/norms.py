@@ -1,4 +1,4 @@
-"""Fused RMSNorm, and RMSNorm + rotary embedding, for the decoder's per-token glue.
+"""Fused RMSNorm, RMSNorm + rotary embedding, and the token lookup: the decoder's per-token glue.
 
 At batch 1 the matmuls of a decode step read their weights near the bandwidth limit, but the
 glue between them is a string of tiny kernels: RMSNorm as torch ops is a cast, square, mean,
@@ -15,7 +15,8 @@ torch code in ``molmoe_lite/model/layers.py``:
 
 Sums run in another order than torch's, so results agree to rounding, not bit for bit.
 rotate_half pairs element d of a head with d +- D/2: the partner is loaded a second time
-from memory (an L1 hit) instead of shuffled in registers.
+from memory (an L1 hit) instead of shuffled in registers. ``embedding`` reads a token's row
+from one of the two tables (Molmo's extra rows live in a second one) in one launch.
 """
 
 from __future__ import annotations
@@ -154,3 +155,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     if delta is None:
         return out.view(x.shape)
     return total.view(x.shape), out.view(x.shape)
+
+
+@triton.jit
+def _embedding_kernel(ids_ptr, table_ptr, new_ptr, out_ptr, V, D,
+                      HAS_NEW: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < D
+    tok = tl.load(ids_ptr + row).to(tl.int64)
+    tok = tl.where(tok == -1, 0, tok)  # batch padding embeds as id 0
+    if HAS_NEW:
+        is_new = tok >= V
+        # both rows are always in range (row 0 stands in for the table not used); keep one
+        base = tl.load(table_ptr + tl.where(is_new, 0, tok) * D + cols, mask=ok, other=0.0)
+        extra = tl.load(new_ptr + tl.where(is_new, tok - V, 0) * D + cols, mask=ok, other=0.0)
+        vals = tl.where(is_new, extra, base)
+    else:
+        vals = tl.load(table_ptr + tok * D + cols, mask=ok, other=0.0)
+    tl.store(out_ptr + row * D + cols, vals, mask=ok)
+
+
+def embedding(ids: torch.Tensor, table: torch.Tensor, new_table: torch.Tensor | None) -> torch.Tensor:
+    """Rows of ``table`` [V, D] for ids < V and of ``new_table`` for ids >= V (Molmo's extra
+    rows); id -1 reads row 0. ids [...] -> [..., D] in the tables' dtype, one launch (as torch
+    ops: a masked fill, a compare, two lookups, a subtraction, a clamp and a select)."""
+    flat = ids.reshape(-1).contiguous()
+    v, d = table.shape
+    out = torch.empty(flat.shape[0], d, dtype=table.dtype, device=table.device)
+    if flat.shape[0]:
+        block = triton.next_power_of_2(d)
+        _embedding_kernel[(flat.shape[0],)](
+            flat, table, table if new_table is None else new_table, out, v, d,
+            HAS_NEW=new_table is not None, BLOCK=block, num_warps=max(1, min(8, block // 256)))
+    return out.view(*ids.shape, d)

@@ -148,3 +148,23 @@ def test_static_decode_through_the_fused_kernels(tiny_model, monkeypatch):
     assert rel_err(got[0], ref[0]) <= 1e-5
     # keys and values of every layer and step (they differ by the roundings upstream)
     assert rel_err(got[1], ref[1]) <= 1e-6 and rel_err(got[2], ref[2]) <= 1e-6
+
+
+@pytest.mark.parametrize("with_new", [True, False], ids=["two_tables", "one_table"])
+def test_embedding_kernel_matches_torch(with_new):
+    """Ids from both tables, -1 padding, a batch of rows: the same rows, exactly."""
+    from molmoe_lite.model.decoder import Embedding
+
+    emb = Embedding(50, 6 if with_new else 0, 40, torch.float32).to(DEVICE)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in emb.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    ids = torch.tensor([[0, 49, -1, 3], [7, 50, 55, -1]] if with_new else [[0, 49, -1, 3], [7, 1, 2, -1]],
+                       device=DEVICE)
+    with torch.no_grad():
+        emb.use_kernels = False
+        ref = emb(ids)
+        emb.use_kernels = True
+        got = emb(ids)
+    assert got.shape == ref.shape and torch.equal(got, ref)

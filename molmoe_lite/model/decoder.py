@@ -114,6 +114,7 @@ class Embedding(nn.Module):
             self.new_embedding = nn.Parameter(torch.zeros(num_new, dim, dtype=dtype))  # [V_new, d]
         else:  # configs without additional_vocab_size have no such key in the checkpoint
             self.register_parameter("new_embedding", None)
+        self.use_kernels: bool | None = None  # None: the one-launch Triton lookup on CUDA
 
     @property
     def total(self) -> int:
@@ -121,6 +122,15 @@ class Embedding(nn.Module):
         return self.num_embeddings + extra
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] long -> [..., d]
+        fused = self.use_kernels
+        if fused is None and ids.is_cuda:
+            from molmoe_lite.kernels.fused_moe import kernels_available
+
+            fused = kernels_available(ids.device)
+        if fused:
+            from molmoe_lite.kernels.norms import embedding
+
+            return embedding(ids, self.embedding, self.new_embedding)
         ids = ids.masked_fill(ids == -1, 0)
         if self.new_embedding is None:
             return F.embedding(ids, self.embedding)
