@@ -120,12 +120,10 @@ def sweep(args) -> list[dict]:
                     if time.monotonic() - started > args.budget_s:
                         print(f"sweep: budget of {args.budget_s:.0f} s spent, stopping", file=sys.stderr)
                         return results
-                    if down:
-                        nbytes = inp["used"] * _expert_bytes(ws[0]) + inp["act"].nbytes + inp["x"].nbytes
-                        launch = functools.partial(_launch_down, down_gemv, inp, dtype)
-                    else:
-                        nbytes = inp["used"] * _expert_bytes(ws[0]) + inp["x"].nbytes + inp["act"].nbytes
-                        launch = functools.partial(_launch_gate_up, gate_up_gemv, inp)
+                    # weights of the picked experts, plus act and x: one read and one written either way
+                    nbytes = inp["used"] * _expert_bytes(ws[0]) + inp["act"].nbytes + inp["x"].nbytes
+                    launch = (functools.partial(_launch_down, down_gemv, inp, dtype) if down
+                              else functools.partial(_launch_gate_up, gate_up_gemv, inp))
                     rec = {"kernel": kname, "bits": bits, "T": t, "BLOCK_N": bn, "BLOCK_K": bk,
                            "num_warps": warps, "EXPERT_SPLIT": split if down else None,
                            "num_stages": base["num_stages"], "shipped": (bn, bk, warps, split) == shipped[t],

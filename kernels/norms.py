@@ -51,10 +51,11 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, delta_ptr, sum_ptr
         d = tl.load(delta_ptr + row * stride_d + cols, mask=ok, other=0.0).to(tl.float32)
         x = (x + d).to(sum_ptr.dtype.element_ty).to(tl.float32)
         tl.store(sum_ptr + row * N + cols, x.to(sum_ptr.dtype.element_ty), mask=ok)
-        inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    # the normed row is rounded to the dtype of what was normalised (a constexpr per branch)
+    if RESIDUAL:
         y = _scaled(x, w_ptr, cols, ok, inv_rms, sum_ptr.dtype.element_ty, PROD)
     else:
-        inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) / N + eps)
         y = _scaled(x, w_ptr, cols, ok, inv_rms, x_ptr.dtype.element_ty, PROD)
     if ROPE:
         # RoPE runs on the normed row rounded to the output dtype (the torch code's .to(compute));

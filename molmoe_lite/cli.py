@@ -246,16 +246,15 @@ def _load_plans(folder: str, info: dict) -> list[dict]:
 
 
 def _format_plans(info: dict) -> str:
-    def size(n: int) -> str:
-        return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+    from molmoe_lite.quantize.inspect import human_size
 
     lines = ["GPU memory by way of loading (bf16; weights, then weights + the KV cache above; activations "
              "and the CUDA context, a few hundred MiB, come on top):"]
     for p in info["load_plans"]:
         how = f"--quantize {p['quantize']}" if p["quantize"] else "as stored"
-        cpu = f" (+ {size(p['cpu_bytes'])} in CPU memory)" if p["cpu_bytes"] else ""
-        lines.append(f"  {how:<16} --preset {p['preset']:<8} weights {size(p['device_bytes']):>10}{cpu}, "
-                     f"with KV cache {size(p['gpu_bytes'])}")
+        cpu = f" (+ {human_size(p['cpu_bytes'])} in CPU memory)" if p["cpu_bytes"] else ""
+        lines.append(f"  {how:<16} --preset {p['preset']:<8} weights {human_size(p['device_bytes']):>10}{cpu}, "
+                     f"with KV cache {human_size(p['gpu_bytes'])}")
     return "\n".join(lines)
 
 

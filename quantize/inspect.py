@@ -106,7 +106,8 @@ def inspect_checkpoint(folder: str | Path, context: int = 4096, batch: int = 1) 
     }
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
+    """Bytes as GiB (from 1 GiB on) or MiB."""
     return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
@@ -129,11 +130,11 @@ def format_report(info: dict[str, Any]) -> str:
             continue
         bpw = "" if k["bits_per_weight"] is None else f"{k['bits_per_weight']:.2f}"
         q_mark = "yes" if k["quantized"] else "no"
-        lines.append(f"{name:<11} {k['tensors']:>8} {_size(k['bytes']):>11} {bpw:>12}  {q_mark}")
-    total, files = _size(info["weights_bytes"]), _size(info["files_bytes"])
+        lines.append(f"{name:<11} {k['tensors']:>8} {human_size(k['bytes']):>11} {bpw:>12}  {q_mark}")
+    total, files = human_size(info["weights_bytes"]), human_size(info["files_bytes"])
     lines.append(f"{'total':<11} {info['tensors']:>8} {total:>11}  (files {files})")
     lines.append(
-        f"KV cache: {_size(info['kv_cache_bytes'])} ({info['kv_dtype']}, batch {info['batch']}, "
+        f"KV cache: {human_size(info['kv_cache_bytes'])} ({info['kv_dtype']}, batch {info['batch']}, "
         f"context {info['context']})"
     )
     return "\n".join(lines)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molmoe_lite.config import MolmoeConfig
-from molmoe_lite.model.layers import RMSNorm, rope_cos_sin
+from molmoe_lite.model.layers import RMSNorm, rope_cos_sin, use_fused_kernels
 
 
 class DecoderInputError(ValueError):
@@ -122,12 +122,7 @@ class Embedding(nn.Module):
         return self.num_embeddings + extra
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] long -> [..., d]
-        fused = self.use_kernels
-        if fused is None and ids.is_cuda:
-            from molmoe_lite.kernels.fused_moe import kernels_available
-
-            fused = kernels_available(ids.device)
-        if fused:
+        if use_fused_kernels(self.use_kernels, ids):
             from molmoe_lite.kernels.norms import embedding
 
             return embedding(ids, self.embedding, self.new_embedding)

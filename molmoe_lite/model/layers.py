@@ -19,6 +19,18 @@ import torch
 from torch import nn
 
 
+def use_fused_kernels(flag: bool | None, x: torch.Tensor) -> bool:
+    """A module's ``use_kernels`` setting for input x: True/False as set; None means the Triton
+    kernels on CUDA (when they are available) and the torch code elsewhere."""
+    if flag is not None:
+        return flag
+    if not x.is_cuda:
+        return False
+    from molmoe_lite.kernels.fused_moe import kernels_available
+
+    return kernels_available(x.device)
+
+
 class RMSNorm(nn.Module):
     """``weight * (x / sqrt(mean(x^2) + eps))``, weight only (no bias).
 
@@ -34,13 +46,7 @@ class RMSNorm(nn.Module):
         self.use_kernels: bool | None = None
 
     def _fused(self, x: torch.Tensor) -> bool:
-        if self.use_kernels is not None:
-            return self.use_kernels
-        if not x.is_cuda:
-            return False
-        from molmoe_lite.kernels.fused_moe import kernels_available
-
-        return kernels_available(x.device)
+        return use_fused_kernels(self.use_kernels, x)
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """[..., dim] -> [..., dim], in out_dtype (default: x's and the weight's promoted dtype)."""
