@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from molmoe_lite.config import MolmoeConfig
-from molmoe_lite.tiny import full_size_config_dict, tiny_config_dict
+from molmoe_lite.testing import full_size_config_dict, tiny_config_dict
 
 # std of the code values (uniform over the code range) used to size random scales
 _CODE_STD = {4: math.sqrt((16**2 - 1) / 12), 8: math.sqrt((255**2 - 1) / 12)}
@@ -141,7 +141,7 @@ def tiny_processor(folder: str | Path):
     config, so prompt lengths match the release's to within the text tokens.
     """
     from molmoe_lite.processor import PreprocessorConfig, Processor
-    from molmoe_lite.tokenizer import write_tiny_tokenizer
+    from molmoe_lite.testing import write_tiny_tokenizer
 
     folder = Path(folder)
     write_tiny_tokenizer(folder)

@@ -3,7 +3,7 @@
     python benchmarks/bench_convert.py --workdir /some/folder/with/40GB [--bits 4] [--keep]
 
 1. Writes, once, a release-shaped folder under ``--workdir/src``: the release's sizes
-   (``molmoe_lite.tiny.full_size_config_dict``), random float32 weights, saved the way the
+   (``molmoe_lite.testing.full_size_config_dict``), random float32 weights, saved the way the
    release is, as one ``pytorch_model.bin`` through ``torch.save`` (about 29 GB).
    ``torch.save`` needs the whole dict at once, so the tensors are windows of a
    memory-mapped pool file of random floats (``--pool-mb``, default 1 GiB, at pseudo-random
@@ -33,7 +33,7 @@ import torch
 
 from molmoe_lite.quantize.convert import convert
 from molmoe_lite.quantize.layout import expected_shapes
-from molmoe_lite.tiny import full_size_config_dict, write_config
+from molmoe_lite.testing import full_size_config_dict, write_config
 
 _MARKER = ".complete"
 

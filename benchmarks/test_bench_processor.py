@@ -10,7 +10,7 @@ import pytest
 
 from molmoe_lite.demo import demo_image
 from molmoe_lite.processor import PreprocessorConfig, Processor
-from molmoe_lite.tokenizer import write_tiny_tokenizer
+from molmoe_lite.testing import write_tiny_tokenizer
 
 SIZES = [(536, 354), (1920, 1080), (4032, 3024)]
 

@@ -23,6 +23,7 @@ import json
 import os
 
 import torch
+from molmoe_lite.errors import MolmoeLiteError
 
 ENV_VAR = "MOLMOE_LITE_KERNEL_CONFIG"
 
@@ -32,7 +33,7 @@ KERNELS = ("gate_up_decode", "down_decode", "gate_up_grouped", "down_grouped")
 SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-class KernelConfigError(ValueError):
+class KernelConfigError(MolmoeLiteError, ValueError):
     """A bad value of MOLMOE_LITE_KERNEL_CONFIG."""
 
 

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from molmoe_lite.quantize.format import QuantizedWeight, dequantize
+from molmoe_lite.errors import MolmoeLiteError
 
 
-class MoEInputError(ValueError):
+class MoEInputError(MolmoeLiteError, ValueError):
     """Inputs of the MoE ops with the wrong shape, dtype or layout."""
 
 

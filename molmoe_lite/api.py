@@ -25,6 +25,7 @@ from molmoe_lite.quantize.checkpoint import open_checkpoint, validate
 from molmoe_lite.quantize.format import (experts_prefix, quantize_layer_experts, quantize_weight,
                                          quantized_to_tensors)
 from molmoe_lite.quantize.layout import expected_shapes
+from molmoe_lite.errors import UsageError
 
 _DTYPES = {
     "float32": torch.float32,
@@ -53,7 +54,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
         try:
             return _DTYPES[str(dtype).lower()]
         except KeyError:
-            raise ValueError(f"dtype {dtype!r} is not one of float32, bfloat16, float16") from None
+            raise UsageError(f"dtype {dtype!r} is not one of float32, bfloat16, float16") from None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -71,7 +72,7 @@ def float_linears(model, groups: Iterable[str]) -> Iterator[tuple[nn.Module, str
     groups = set(groups)
     unknown = groups - set(LINEAR_GROUPS)
     if unknown:
-        raise ValueError(f"unknown module groups {sorted(unknown)}; known: {', '.join(LINEAR_GROUPS)}")
+        raise UsageError(f"unknown module groups {sorted(unknown)}; known: {', '.join(LINEAR_GROUPS)}")
     found = []
     for i, block in enumerate(model.model.transformer.blocks):
         prefix = f"model.transformer.blocks.{i}"
@@ -143,12 +144,12 @@ def _quantization(config: MolmoeConfig, folder: Path, quantize: str | None) -> d
                 f"only checkpoints written by `molmoe-lite quantize` ({QUANT_METHOD!r}) can be loaded"
             )
         if quantize is not None:
-            raise ValueError(f"{folder} is already quantised; load it without quantize=")
+            raise UsageError(f"{folder} is already quantised; load it without quantize=")
         return {**stored, "on_the_fly": False}
     if quantize is None:
         return None
     if quantize not in _QUANTIZE:
-        raise ValueError(f"quantize must be one of {sorted(_QUANTIZE)}, got {quantize!r}")
+        raise UsageError(f"quantize must be one of {sorted(_QUANTIZE)}, got {quantize!r}")
     return {"bits": _QUANTIZE[quantize], "group_size": 64 if quantize == "int4" else None,
             "modules": ["experts"], "on_the_fly": True}
 
@@ -172,7 +173,7 @@ def load(
     CPU memory: the smallest GPU footprint.
     """
     if preset not in PRESETS:  # before any download or file access
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        raise UsageError(f"preset must be one of {PRESETS}, got {preset!r}")
     from molmoe_lite.processor import Processor
 
     folder = resolve_model(path)
@@ -227,7 +228,7 @@ def build_skeleton(config: MolmoeConfig, dtype: torch.dtype, quant: dict[str, An
     from molmoe_lite.model.molmoe import MolmoE
 
     if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        raise UsageError(f"preset must be one of {PRESETS}, got {preset!r}")
     with torch.device("meta"):
         model = MolmoE(config, dtype=dtype)
     if quant is not None:

@@ -4,8 +4,9 @@ Subcommands: ``run`` (answer a prompt about images, streaming), ``quantize``
 (release checkpoint -> compact int4/int8 checkpoint), ``inspect`` (what a checkpoint
 holds and the GPU memory it needs), ``compare`` (float vs quantised logits on a
 user's image), ``demo`` (the offline tiny-model demo). Errors we can explain (bad paths, bad images, bad
-checkpoints, bad configs) print one line naming the problem and exit with status 2;
-``--debug`` shows the traceback instead.
+checkpoints, bad configs: every ``MolmoeLiteError``, and OS errors on the user's files) print one
+line naming the problem and exit with status 2 (``--debug`` shows the traceback instead); anything
+else is a bug, shown with its traceback and a request to report it (status 1).
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from typing import Callable
+
+from molmoe_lite import __version__
+from molmoe_lite.errors import MolmoeLiteError, UsageError
 
 EPILOG = """examples:
   molmoe-lite demo
@@ -189,7 +194,7 @@ def _save_points(text: str, images: list[str], out: str) -> None:
     from molmoe_lite.points import draw_points, parse_points
 
     if not images:
-        raise ValueError("--points needs an --image to draw on")
+        raise UsageError("--points needs an --image to draw on")
     image = load_image(images[0])
     points = parse_points(text, image.width, image.height)
     draw_points(image, points, out)
@@ -310,11 +315,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one readable line, not a traceback, unless --debug
+    except (MolmoeLiteError, OSError) as exc:
+        # problems we can explain (bad input, a missing or unreadable file, a full disk):
+        # one readable line, not a traceback, unless --debug
         if args.debug:
             raise
         print(f"molmoe-lite {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        # anything else is a bug in molmoe-lite: show where, and ask for a report
+        traceback.print_exc()
+        print(
+            f"molmoe-lite {args.command}: internal error (a bug in molmoe-lite {__version__}); "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from molmoe_lite.errors import UsageError
 
 
 @torch.inference_mode()
@@ -22,7 +23,7 @@ def model_logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, Any]:
     """Agreement of two [L, V] logit tensors (reference = the float model)."""
     if reference.shape != candidate.shape:
-        raise ValueError(f"logit shapes differ: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
+        raise UsageError(f"logit shapes differ: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
     ref_logp = torch.log_softmax(reference.float(), dim=-1)
     cand_logp = torch.log_softmax(candidate.float(), dim=-1)
     kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1)  # [L]

@@ -17,9 +17,10 @@ from typing import Any
 
 from molmoe_lite.quantize.checkpoint import read_json_object
 from molmoe_lite.quantize.layout import expert_hidden_size
+from molmoe_lite.errors import MolmoeLiteError
 
 
-class ConfigError(ValueError):
+class ConfigError(MolmoeLiteError, ValueError):
     """A config.json that is missing, unreadable, or asks for something we do not implement."""
 
 

@@ -31,7 +31,7 @@ def cache_root() -> Path:
 
 def demo_checkpoint(root: Path | None = None) -> Path:
     """The cached tiny checkpoint folder, written on first use (built aside, then renamed)."""
-    from molmoe_lite.tiny import write_tiny_release
+    from molmoe_lite.testing import write_tiny_release
 
     root = root or cache_root()
     folder = root / f"demo-tiny-v{DEMO_VERSION}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from molmoe_lite.errors import UsageError
 
 log = logging.getLogger("molmoe_lite")
 
@@ -106,7 +107,7 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ([B] long); logits [B, vocab] for the next one."""
         if self.cache.length + 1 > self.cache.max_len:
-            raise ValueError(f"KV cache full: {self.cache.length} of {self.cache.max_len} slots used")
+            raise UsageError(f"KV cache full: {self.cache.length} of {self.cache.max_len} slots used")
         if self.embed_in_step:
             self.tokens.copy_(tokens.view(-1, 1))
         else:

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from molmoe_lite.fast_decode import StaticDecoder
+from molmoe_lite.errors import MolmoeLiteError, UsageError
 
 
-class GPUMemoryError(MemoryError):
+class GPUMemoryError(MolmoeLiteError, MemoryError):
     """Generation ran out of GPU memory; the message names what would fit."""
 
 
@@ -95,11 +96,11 @@ class SamplingSettings:
                 value = (value,) if isinstance(value, str) else tuple(value)
             setattr(s, key, value)
         if s.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
         if s.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {s.temperature}")
+            raise UsageError(f"temperature must be >= 0, got {s.temperature}")
         if not 0 < s.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {s.top_p}")
         return s
 
 
@@ -159,14 +160,14 @@ class GenerationMixin:
         bsz, length = ids.shape
         max_ctx = self.config.max_sequence_length
         if length + settings.max_new_tokens > max_ctx:
-            raise ValueError(
+            raise UsageError(
                 f"the prompt is {length} tokens and max_new_tokens is {settings.max_new_tokens}: "
                 f"together more than the model's context of {max_ctx} tokens "
                 "(use a shorter prompt, a smaller image, or fewer new tokens)"
             )
         needed = length + settings.max_new_tokens
         if settings.max_context is not None and needed > settings.max_context:
-            raise ValueError(
+            raise UsageError(
                 f"the prompt is {length} tokens and max_new_tokens is {settings.max_new_tokens}: "
                 f"{needed} tokens do not fit max_context={settings.max_context}"
             )
@@ -183,7 +184,7 @@ class GenerationMixin:
         if pad is None:
             pad = min(eos_ids) if eos_ids else 0
         if settings.stop_strings and tok is None:
-            raise ValueError("stop_strings need a tokenizer (pass tokenizer=...)")
+            raise UsageError("stop_strings need a tokenizer (pass tokenizer=...)")
         gen = torch.Generator(device=self.device).manual_seed(settings.seed) if settings.seed is not None else None
 
         mask = ids != -1
@@ -300,7 +301,7 @@ class GenerationMixin:
         With ``stream=True`` an iterator of text pieces whose concatenation is the answer.
         """
         if self.processor is None:
-            raise ValueError("this model has no processor attached; load it with molmoe_lite.load()")
+            raise UsageError("this model has no processor attached; load it with molmoe_lite.load()")
         inputs = self.processor.process(images=images, text=prompt, transparent=transparent)
         settings = SamplingSettings.merge(
             None, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,

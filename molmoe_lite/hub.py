@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from molmoe_lite.errors import MolmoeLiteError
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(MolmoeLiteError, FileNotFoundError):
     """The model path is neither a folder nor a hub id that could be fetched."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from molmoe_lite.errors import MolmoeLiteError, UsageError
 
 TRANSPARENT_MODES = ("composite", "drop")
 
@@ -35,7 +36,7 @@ TRANSPARENT_MODES = ("composite", "drop")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
 
-class ImageError(ValueError):
+class ImageError(MolmoeLiteError, ValueError):
     """An input that cannot be turned into an RGB image (names the source and the problem)."""
 
 
@@ -46,7 +47,7 @@ def load_image(x: Any, transparent: str = "composite") -> Image.Image:
     background; ``"drop"`` discards alpha like the release (``convert("RGB")``).
     """
     if transparent not in TRANSPARENT_MODES:
-        raise ValueError(f"transparent={transparent!r}: expected one of {TRANSPARENT_MODES}")
+        raise UsageError(f"transparent={transparent!r}: expected one of {TRANSPARENT_MODES}")
     if isinstance(x, Image.Image):
         image, source = x, f"PIL image ({x.mode}, {x.size[0]}x{x.size[1]})"
         try:  # an Image.open()ed image decodes lazily: surface truncation here

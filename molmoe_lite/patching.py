@@ -50,6 +50,7 @@ from molmoe_lite.model.decoder import DenseExperts
 from molmoe_lite.quantize.format import QuantFormatError, QuantizedWeight, quantize_weight
 from molmoe_lite.quantize.format import quantize_expert_stack as _quantize_expert_stack
 from molmoe_lite.quantized import QuantizedExperts
+from molmoe_lite.errors import MolmoeLiteError
 
 EXPERTS_IMPLEMENTATION = "molmoe_lite"
 LAZY_DEFAULTS = {"bits": 4, "group_size": 64, "method": "refit"}
@@ -60,7 +61,7 @@ PROBE_TOLERANCE = {8: 0.08, 4: 0.35}
 _EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
-class PatchError(ValueError):
+class PatchError(MolmoeLiteError, ValueError):
     """A model ``patch`` cannot handle: no MoE block, an unsupported layout, or weights it cannot read."""
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from molmoe_lite.quantize.checkpoint import read_json_object
 from molmoe_lite.images import load_image
 from molmoe_lite.tokenizer import IM_COL, IM_END, IM_PATCH, IM_START, load_tokenizer
+from molmoe_lite.errors import MolmoeLiteError, UsageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,7 +45,7 @@ DROPPED = -100
 PAD = -1
 
 
-class ProcessorConfigError(ValueError):
+class ProcessorConfigError(MolmoeLiteError, ValueError):
     """A preprocessor config whose geometry this processor cannot lay out."""
 
 
@@ -442,18 +443,18 @@ def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     padding (attention mask ``input_ids != -1``) and crops holding -1 as absent.
     """
     if not items:
-        raise ValueError("collate: empty list")
+        raise UsageError("collate: empty list")
     keys = list(items[0])
     for k, item in enumerate(items):
         if list(item) != keys:
-            raise ValueError(f"collate: item {k} has keys {list(item)}, item 0 has {keys}")
+            raise UsageError(f"collate: item {k} has keys {list(item)}, item 0 has {keys}")
     out = {}
     for key in keys:
         tensors = [item[key] for item in items]
         tail = tensors[0].shape[1:]
         if any(t.shape[1:] != tail for t in tensors):
             shapes = [tuple(t.shape) for t in tensors]
-            raise ValueError(f"collate: {key!r} shapes differ beyond the first dim: {shapes}")
+            raise UsageError(f"collate: {key!r} shapes differ beyond the first dim: {shapes}")
         n = max(t.shape[0] for t in tensors)
         batch = torch.full((len(tensors), n, *tail), PAD, dtype=tensors[0].dtype)
         for b, t in enumerate(tensors):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from molmoe_lite.errors import MolmoeLiteError
 
 # Safetensors dtype names <-> torch dtypes (the writer uses the same table).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -71,7 +72,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _ALIGN = 64  # bytes; what torch's allocator and the zip (.bin) format give every tensor
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MolmoeLiteError, ValueError):
     """A checkpoint that cannot be read or does not match what is expected."""
 
 

@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from molmoe_lite.quantize.layout import LLM_PREFIX, expert_key
+from molmoe_lite.errors import MolmoeLiteError
 
 FORMAT_VERSION = 1
 DEFAULT_INT4_GROUP = 64
@@ -65,7 +66,7 @@ _MIN_SCALE = torch.finfo(torch.float16).tiny
 _QMAX = {4: 15, 8: 127}
 
 
-class QuantFormatError(ValueError):
+class QuantFormatError(MolmoeLiteError, ValueError):
     """A weight, a group size or a set of stored tensors that the format cannot take."""
 
 

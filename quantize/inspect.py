@@ -18,6 +18,7 @@ import torch
 
 from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint, read_json_object
 from molmoe_lite.quantize.layout import LLM_PREFIX, VIT_PREFIX
+from molmoe_lite.errors import UsageError
 
 KINDS = ("experts", "attention", "lm_head", "embeddings", "vision", "other")
 _KV_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -57,7 +58,7 @@ def inspect_checkpoint(folder: str | Path, context: int = 4096, batch: int = 1) 
     """Quantisation config, tensors by kind (count, bytes, weights stood for), sizes, KV cache."""
     folder = Path(folder)
     if context <= 0 or batch <= 0:
-        raise ValueError(f"context and batch must be positive, got context={context}, batch={batch}")
+        raise UsageError(f"context and batch must be positive, got context={context}, batch={batch}")
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: no config.json in {folder}")

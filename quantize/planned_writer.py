@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from molmoe_lite.quantize.writer import _DTYPE_NAMES, OutputError, check_free_space, safetensors_header
+from molmoe_lite.errors import UsageError
 
 
 @dataclass
@@ -64,7 +65,7 @@ class PlannedShardWriter:
         if sys.byteorder != "little":
             raise OutputError(f"{folder}: writing safetensors needs a little-endian machine")
         if max_shard_bytes <= 0:
-            raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+            raise UsageError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
         if not plan:
             raise OutputError(f"{folder}: empty plan; nothing to write")
         self.folder = Path(folder)

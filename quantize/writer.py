@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
+from molmoe_lite.errors import UsageError
 from molmoe_lite.quantize.checkpoint import (
-    BIN_FILE,
     SAFETENSORS_DTYPES,
     CheckpointError,
 )
@@ -151,7 +151,7 @@ class ShardedSafetensorsWriter:
         single_file: bool = False,
     ) -> None:
         if max_shard_bytes <= 0:
-            raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+            raise UsageError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = int(max_shard_bytes)
@@ -300,33 +300,3 @@ def atomic_output_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def save_release_checkpoint(
-    state: Mapping[str, torch.Tensor],
-    folder: str | Path,
-    fmt: str = "bin",
-    max_shard_bytes: int = 2 * 1024**3,
-) -> list[Path]:
-    """Write a state dict the way a release checkpoint comes (for tests and the offline demo).
-
-    ``fmt``: ``"bin"`` -> ``pytorch_model.bin`` via ``torch.save`` (zip format, as the
-    release); ``"safetensors"`` -> one ``model.safetensors``; ``"sharded"`` -> shards of
-    at most ``max_shard_bytes`` plus ``model.safetensors.index.json``. Returns the files.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if fmt == "bin":
-        path = folder / BIN_FILE
-        torch.save(dict(state), path)
-        return [path]
-    if fmt == "safetensors":
-        writer = ShardedSafetensorsWriter(folder, max_shard_bytes=sys.maxsize, single_file=True)
-    elif fmt == "sharded":
-        writer = ShardedSafetensorsWriter(folder, max_shard_bytes=max_shard_bytes)
-    else:
-        raise ValueError(f"fmt must be 'bin', 'safetensors' or 'sharded', got {fmt!r}")
-    with writer:
-        for key, tensor in state.items():
-            writer.add(key, tensor)
-        return writer.finish()

@@ -28,7 +28,7 @@ def real_release_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_release(tmp_path_factory) -> Path:
     """A tiny random MolmoE release folder (pytorch_model.bin via torch.save), made once per session."""
-    from molmoe_lite.tiny import write_tiny_release
+    from molmoe_lite.testing import write_tiny_release
 
     return write_tiny_release(tmp_path_factory.mktemp("tiny-release"), seed=0, fmt="bin")
 

@@ -28,9 +28,8 @@ from molmoe_lite.quantize.writer import (
     ShardedSafetensorsWriter,
     atomic_output_dir,
     check_free_space,
-    save_release_checkpoint,
 )
-from molmoe_lite.tiny import random_state_dict, tiny_config_dict
+from molmoe_lite.testing import random_state_dict, save_release_checkpoint, tiny_config_dict
 
 
 @pytest.fixture(scope="module")

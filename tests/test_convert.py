@@ -1,6 +1,6 @@
 """The streaming converter (quantize.convert), its planned shard writer and `inspect`.
 
-Tiny random checkpoints (molmoe_lite.tiny) are converted on the CPU. Checked: bin and
+Tiny random checkpoints (molmoe_lite.testing) are converted on the CPU. Checked: bin and
 sharded-safetensors sources give byte-identical outputs; the output reads back through the
 format module and matches quantising the source directly; config/tokenizer files; every
 kind of bad input gives a clear error naming the file and leaves no DST; the planned
@@ -24,8 +24,8 @@ from molmoe_lite.quantize.format import QuantFormatError, quantize_weight, tenso
 from molmoe_lite.quantize.inspect import format_report, inspect_checkpoint
 from molmoe_lite.quantize.layout import expected_shapes, expert_hidden_size, expert_key
 from molmoe_lite.quantize.planned_writer import PlannedShardWriter
-from molmoe_lite.quantize.writer import OutputError, ShardedSafetensorsWriter, save_release_checkpoint
-from molmoe_lite.tiny import random_state_dict, tiny_config_dict, write_config, write_tiny_release
+from molmoe_lite.quantize.writer import OutputError, ShardedSafetensorsWriter
+from molmoe_lite.testing import random_state_dict, save_release_checkpoint, tiny_config_dict, write_config, write_tiny_release
 
 # Relative Frobenius error of a whole dequantised matrix vs its source (Gaussian-like random
 # weights): int4-g64 refit measures ~0.08-0.09 here, int8 per-channel ~0.006.

@@ -1,6 +1,6 @@
 """The OLMoE decoder against transformers' OlmoeForCausalLM, and its KV cache, padding and dtypes.
 
-Weights are the tiny random release-layout checkpoint (molmoe_lite.tiny) loaded through the
+Weights are the tiny random release-layout checkpoint (molmoe_lite.testing) loaded through the
 meta device + assign path the runtime uses. transformers' model gets the same tensors mapped
 to its names (q/k/v from att_proj rows; experts fused as gate_up_proj [E, 2I, d] =
 cat(gate_proj, up_proj) and down_proj [E, d, I]; the two embedding tables concatenated).
@@ -18,7 +18,7 @@ from molmoe_lite.config import MolmoeConfig
 from molmoe_lite.model.decoder import DecoderInputError, KVCache, MoEBlock, Transformer
 from molmoe_lite.model.layers import RMSNorm, apply_rope, assign_state_dict, rope_cos_sin
 from molmoe_lite.quantize.layout import LLM_PREFIX, expected_shapes
-from molmoe_lite.tiny import random_state_dict, tiny_config_dict
+from molmoe_lite.testing import random_state_dict, tiny_config_dict
 
 PREFIX = LLM_PREFIX + "."
 

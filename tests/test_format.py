@@ -27,7 +27,7 @@ from molmoe_lite.quantize.format import (
     unpack_int4,
 )
 from molmoe_lite.quantize.layout import expert_hidden_size, expert_key
-from molmoe_lite.tiny import random_state_dict, tiny_config_dict
+from molmoe_lite.testing import random_state_dict, tiny_config_dict
 
 
 def rel_err(a: torch.Tensor, w: torch.Tensor) -> float:

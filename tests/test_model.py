@@ -23,7 +23,7 @@ def image_inputs(tiny_model):
 
 
 def test_bin_and_sharded_safetensors_give_identical_logits(tmp_path, tiny_model, image_inputs):
-    from molmoe_lite.tiny import write_tiny_release
+    from molmoe_lite.testing import write_tiny_release
 
     # same seed, another container: several shards plus an index
     folder = write_tiny_release(tmp_path / "sharded", seed=0, fmt="sharded", max_shard_bytes=200_000)

@@ -25,7 +25,8 @@ from molmoe_lite.processor import (
     scaled_size,
     select_tiling,
 )
-from molmoe_lite.tokenizer import TokenizerError, load_tokenizer, write_tiny_tokenizer
+from molmoe_lite.testing import write_tiny_tokenizer
+from molmoe_lite.tokenizer import TokenizerError, load_tokenizer
 
 REAL = Path("/work/shared/molmoe-1b-0924")
 PROMPT = "Describe this image."

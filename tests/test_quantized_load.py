@@ -10,8 +10,9 @@ import torch
 
 from molmoe_lite import load
 from molmoe_lite.demo import demo_image
-from molmoe_lite.quantized import DenseExpertError, QuantizedExperts, no_dense_experts
-from molmoe_lite.tiny import tiny_config_dict, write_tiny_release
+from molmoe_lite.quantized import QuantizedExperts
+from molmoe_lite.testing import DenseExpertError, no_dense_experts
+from molmoe_lite.testing import tiny_config_dict, write_tiny_release
 
 BOUNDS = {"int8": (0.01, 0.98), "int4": (0.1, 0.85)}
 

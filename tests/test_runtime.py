@@ -105,7 +105,7 @@ def test_weights_plan_at_full_size_by_hand():
     2048 x 6144 + 2048 x 2048, lm_head and wte 50304 x 2048 (+128 new rows), 23 ViT blocks of
     4 x 1024^2 + 2 x 4096 x 1024 weights."""
     from molmoe_lite.config import MolmoeConfig
-    from molmoe_lite.tiny import full_size_config_dict
+    from molmoe_lite.testing import full_size_config_dict
 
     cfg = MolmoeConfig.from_dict(full_size_config_dict())
     bf16 = weights_plan(cfg, torch.bfloat16, None)["device_bytes"]

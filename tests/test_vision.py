@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from molmoe_lite.config import ConfigError, MolmoeConfig
 from molmoe_lite.model.vision import ViT, VisionBackbone, VisionInputError
 from molmoe_lite.quantize.layout import expected_shapes
-from molmoe_lite.tiny import random_state_dict, tiny_config_dict
+from molmoe_lite.testing import random_state_dict, tiny_config_dict
 
 PREFIX = "model.vision_backbone."
 RELEASE_CONFIG = Path("/work/shared/molmoe-1b-0924/config.json")

@@ -32,9 +32,10 @@ from torch import nn
 
 from molmoe_lite.config import MolmoeConfig
 from molmoe_lite.model.layers import RMSNorm, rope_cos_sin, use_fused_kernels
+from molmoe_lite.errors import MolmoeLiteError
 
 
-class DecoderInputError(ValueError):
+class DecoderInputError(MolmoeLiteError, ValueError):
     """Inputs to the decoder with the wrong shape, dtype or range, or a full KV cache."""
 
 

@@ -21,6 +21,7 @@ from molmoe_lite.config import MolmoeConfig
 from molmoe_lite.generation import GenerationMixin
 from molmoe_lite.model.decoder import KVCache, Transformer
 from molmoe_lite.model.vision import VisionBackbone
+from molmoe_lite.errors import UsageError
 
 
 class MolmoeBody(nn.Module):
@@ -63,13 +64,13 @@ class MolmoE(GenerationMixin, nn.Module):
         if images is None:
             return x
         if image_input_idx is None:
-            raise ValueError("images were given without image_input_idx (use the processor's output)")
+            raise UsageError("images were given without image_input_idx (use the processor's output)")
         batch = input_ids.shape[0]
         feats = self.model.vision_backbone(images, image_masks)  # [B, n, P, d]
         feats = feats.reshape(batch, -1, feats.shape[-1]).to(x.dtype)  # [B, n*P, d]
         idx = image_input_idx.reshape(batch, -1)  # [B, n*P]
         if idx.shape[1] != feats.shape[1]:
-            raise ValueError(
+            raise UsageError(
                 f"image_input_idx has {idx.shape[1]} entries per row but the images give {feats.shape[1]} features"
             )
         x = x.clone()
@@ -108,7 +109,7 @@ class MolmoE(GenerationMixin, nn.Module):
         input_ids = input_ids.to(device)
         if attention_mask is None:
             if cache is not None and cache.length > 0:
-                raise ValueError("continuing a cached sequence needs the attention_mask of the whole sequence")
+                raise UsageError("continuing a cached sequence needs the attention_mask of the whole sequence")
             attention_mask = input_ids != -1
         attention_mask = attention_mask.to(device).bool()
         if images is not None:

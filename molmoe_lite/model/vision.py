@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from molmoe_lite.config import ConfigError, MolmoeConfig, VisionConfig
+from molmoe_lite.errors import MolmoeLiteError
 
 # The processor pads batches (images and masks alike) with this exact value.
 BATCH_PAD_VALUE = -1.0
 
 
-class VisionInputError(ValueError):
+class VisionInputError(MolmoeLiteError, ValueError):
     """Images or image masks whose shapes do not fit the vision backbone's config."""
 
 

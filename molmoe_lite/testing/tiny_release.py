@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from molmoe_lite.quantize.layout import expected_shapes
+from molmoe_lite.quantize.checkpoint import BIN_FILE
+from molmoe_lite.quantize.writer import ShardedSafetensorsWriter
 
 # The release's config.json with every size shrunk; fields the loader reads keep the
 # release's names and (where they select behaviour) the release's values.
@@ -167,8 +171,7 @@ def write_tiny_release(
     is), "safetensors" or "sharded" (safetensors shards with an index).
     """
     from molmoe_lite.processor import PreprocessorConfig
-    from molmoe_lite.quantize.writer import save_release_checkpoint
-    from molmoe_lite.tokenizer import write_tiny_tokenizer
+    from molmoe_lite.testing.tiny_tokenizer import write_tiny_tokenizer
 
     folder = Path(folder)
     cfg = cfg or tiny_config_dict()
@@ -178,3 +181,33 @@ def write_tiny_release(
     write_tiny_tokenizer(folder)
     PreprocessorConfig().save(folder)
     return folder
+
+
+def save_release_checkpoint(
+    state: Mapping[str, torch.Tensor],
+    folder: str | Path,
+    fmt: str = "bin",
+    max_shard_bytes: int = 2 * 1024**3,
+) -> list[Path]:
+    """Write a state dict the way a release checkpoint comes .
+
+    ``fmt``: ``"bin"`` -> ``pytorch_model.bin`` via ``torch.save`` (zip format, as the
+    release); ``"safetensors"`` -> one ``model.safetensors``; ``"sharded"`` -> shards of
+    at most ``max_shard_bytes`` plus ``model.safetensors.index.json``. Returns the files.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "bin":
+        path = folder / BIN_FILE
+        torch.save(dict(state), path)
+        return [path]
+    if fmt == "safetensors":
+        writer = ShardedSafetensorsWriter(folder, max_shard_bytes=sys.maxsize, single_file=True)
+    elif fmt == "sharded":
+        writer = ShardedSafetensorsWriter(folder, max_shard_bytes=max_shard_bytes)
+    else:
+        raise ValueError(f"fmt must be 'bin', 'safetensors' or 'sharded', got {fmt!r}")
+    with writer:
+        for key, tensor in state.items():
+            writer.add(key, tensor)
+        return writer.finish()
