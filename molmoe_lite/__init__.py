@@ -14,11 +14,13 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "load": "molmoe_lite.api",
+    "MolmoeLiteError": "molmoe_lite.errors",
     "MolmoE": "molmoe_lite.model.molmoe",
     "MolmoeConfig": "molmoe_lite.config",
     "Processor": "molmoe_lite.processor",
     "parse_points": "molmoe_lite.points",
     "patch": "molmoe_lite.patching",
+    "register_experts_implementation": "molmoe_lite.patching",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -36,7 +38,8 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # pragma: no cover
     from molmoe_lite.api import load
     from molmoe_lite.config import MolmoeConfig
+    from molmoe_lite.errors import MolmoeLiteError
     from molmoe_lite.model.molmoe import MolmoE
-    from molmoe_lite.patching import patch
+    from molmoe_lite.patching import patch, register_experts_implementation
     from molmoe_lite.points import parse_points
     from molmoe_lite.processor import Processor

@@ -1,5 +1,6 @@
 """``patch(model)``: quantise the float experts of a loaded MoE model in place and route them
-through our kernels; plus ``"molmoe_lite"`` in transformers' experts-implementation registry.
+through our kernels; and ``register_experts_implementation()``, which adds ``"molmoe_lite"``
+to transformers' experts-implementation registry.
 
 MoE blocks are recognised by structure (never by class name), three kinds:
 
@@ -29,12 +30,15 @@ Quantisation goes one expert at a time into preallocated stacks (never a dense c
 more than one expert); each layer's float experts are released when its module is
 swapped, so peak memory is the float model plus one layer's codes.
 
-The registry entry (registered on import, idempotent) quantises an HF experts module's
-3-D weights lazily on its first call (int4, group 64 unless the module's
+``register_experts_implementation()`` adds ``"molmoe_lite"`` to transformers' experts
+registry (an explicit call; importing this module registers nothing). Selected with
+``model.set_experts_implementation("molmoe_lite")`` or
+``from_pretrained(..., experts_implementation="molmoe_lite")``, it quantises an HF experts
+module's 3-D weights lazily on its first call (int4, group 64 unless the module's
 ``molmoe_lite_bits`` / ``molmoe_lite_group_size`` / ``molmoe_lite_method`` say otherwise),
-caches the codes on the module and runs ``moe_experts``: ``set_experts_implementation
-("molmoe_lite")`` selects it. It keeps the float weights (other implementations need them),
-so it saves time, not memory; ``patch`` saves both.
+caches the codes on the module and runs ``moe_experts``. The module keeps its float
+weights: transformers owns them and switching back to another implementation needs them,
+so this way saves time, not memory. ``patch`` replaces the modules and saves both.
 """
 
 from __future__ import annotations
@@ -426,23 +430,26 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     return moe_experts(hidden_states, top_k_weights, top_k_index, w13, w2, use_kernels=use)
 
 
-def register_experts_implementation() -> bool:
-    """Register ``experts_forward`` as ``"molmoe_lite"``; False when transformers has no registry."""
+def register_experts_implementation() -> str:
+    """Add ``experts_forward`` to transformers' experts registry as ``"molmoe_lite"`` and return that name.
+
+    Idempotent. Afterwards ``model.set_experts_implementation("molmoe_lite")`` (or
+    ``from_pretrained(..., experts_implementation="molmoe_lite")``) runs an HF MoE model's
+    experts through our kernels, quantising them on first use; the float weights stay in
+    memory (use ``patch`` to drop them). Raises PatchError when the installed transformers
+    has no experts registry (it arrived in 5.x).
+    """
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    except Exception:  # transformers missing or older than the experts registry (4.x)
-        return False
-    register = getattr(ALL_EXPERTS_FUNCTIONS, "register", None)
-    if register is None:
-        return False
+    except ImportError as exc:
+        raise PatchError(
+            "this transformers has no experts-implementation registry (transformers 5 added it); "
+            "use molmoe_lite.patch(model) instead"
+        ) from exc
     try:
         current = ALL_EXPERTS_FUNCTIONS.get(EXPERTS_IMPLEMENTATION)
-    except Exception:
+    except Exception:  # a registry whose get() raises for unknown names
         current = None
     if current is not experts_forward:
-        register(EXPERTS_IMPLEMENTATION, experts_forward)
-    return True
-
-
-REGISTERED = register_experts_implementation()
-
+        ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
+    return EXPERTS_IMPLEMENTATION

@@ -136,7 +136,8 @@ def test_hf_gate_up_rows_are_gate_then_up():
 def test_set_experts_implementation_matches_patch():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    assert register_experts_implementation() is True  # idempotent
+    assert register_experts_implementation() == EXPERTS_IMPLEMENTATION
+    assert register_experts_implementation() == EXPERTS_IMPLEMENTATION  # idempotent
     assert EXPERTS_IMPLEMENTATION in ALL_EXPERTS_FUNCTIONS
     lazy = tiny_olmoe()
     lazy.set_experts_implementation(EXPERTS_IMPLEMENTATION)
@@ -154,6 +155,33 @@ def test_set_experts_implementation_matches_patch():
         ref = patched(hf_ids()).logits
     # same rounding of the same weights (int4 g64 by default) -> same logits up to summation order
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_registration_is_an_explicit_call():
+    """Importing the package (or patching) registers nothing; the exported call does, once."""
+    import subprocess
+    import sys
+
+    code = (
+        "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS as R\n"
+        "import molmoe_lite, molmoe_lite.patching\n"
+        "before = 'molmoe_lite' in R\n"
+        "name = molmoe_lite.register_experts_implementation()\n"
+        "print(before, name, name in R)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "molmoe_lite", "True"]
+
+
+def test_from_pretrained_selects_the_registered_implementation(tmp_path):
+    register_experts_implementation()
+    src = tiny_olmoe()
+    src.save_pretrained(tmp_path)
+    model = type(src).from_pretrained(tmp_path, experts_implementation=EXPERTS_IMPLEMENTATION)
+    with torch.no_grad():
+        model(hf_ids())
+    assert "_molmoe_lite_cache" in model.model.layers[0].mlp.experts.__dict__
 
 
 # ---------------------------------------------------------------------------------------
