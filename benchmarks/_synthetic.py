@@ -11,7 +11,7 @@ Also here: the tiny tokenizer + release preprocessor config (same image-token la
 the release's tokenizer), swapping decoder linears for ``QuantizedLinear`` or bitsandbytes
 NF4 ``Linear4bit``, and byte counts of what a decode step reads.
 
-Used by ``bench_e2e.py`` and ``gpu_check.py`` (benchmarks/ is not part of the package).
+Used by the benchmarks beside it (benchmarks/ is not part of the package).
 """
 
 from __future__ import annotations
@@ -152,6 +152,23 @@ def tiny_processor(folder: str | Path):
 # ---------------------------------------------------------------------------------------
 # Swapping linears
 # ---------------------------------------------------------------------------------------
+def nf4_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why bitsandbytes NF4 cannot run on ``device`` (None when it can). Importable is not
+    enough (a wheel may lack the binary for this CUDA), so a tiny quantise + matmul is tried."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        w = torch.randn(64, 64, device=device).to(dtype)
+        q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        bnb.matmul_4bit(torch.randn(1, 64, device=device).to(dtype), q.t(), quant_state=state)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+    except Exception as exc:  # missing, or no binary for this platform
+        return f"bitsandbytes NF4 unavailable ({type(exc).__name__}: {exc})"[:300]
+    return None
+
+
 @torch.no_grad()
 def nf4_linears(model, modules: Iterable[str] = ("attention", "experts"), blocksize: int = 64) -> list[str]:
     """Swap float linears for bitsandbytes NF4 ``Linear4bit`` (blocksize 64, no double quant), in place.

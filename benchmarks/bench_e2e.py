@@ -36,28 +36,33 @@ batch, appended to OUT/e2e.jsonl as soon as measured and printed):
                        bandwidth (OUT/bandwidth.json from gpu_check, else measured here);
                        ``floor_fraction`` = ideal time / measured time = the same number
 
-Memory check (``--memory-check``, on by default): the default int4 preset within 6 GiB and
-``small`` within 4.5 GiB, for one 1920x1080 image and a KV cache for 200 new tokens. The
-model is built directly quantised (no dense copy, as a quantised checkpoint loads), the
-allocator is capped with ``torch.cuda.set_per_process_memory_fraction`` at the budget minus
-the CUDA context this process already holds (a card's budget includes its context), and an
-out-of-memory error is recorded as ``fits: false``. Records carry ``memory_check: true``.
+Memory checks (``--memory-check``, on by default; they run first): the default int4 preset
+within 6 GiB and ``small`` within 4.5 GiB, for one 640x480 image and a KV cache for 512 new
+tokens. The model is built directly quantised (no dense copy, as a quantised checkpoint
+loads), the allocator is capped with ``torch.cuda.set_per_process_memory_fraction`` at the
+budget minus the CUDA context this process already holds (a card's budget includes its
+context), prefill and a few captured decode steps run, and ``fits`` is true when nothing ran
+out of memory and the peak reserved memory plus the context (measured again at the end:
+kernels loaded meanwhile count) is within the budget. Records carry ``memory_check: true``.
 
-Quantisation (``--method``): ``auto`` uses the format's ``refit`` rounding for int4 (the
-default preset's real path; its time is recorded as ``quantize_s``) and ``rtn`` for int8 and
-int4_small, whose decode speed does not depend on the rounding, to stay in the time budget.
+Quantisation (``--method``): round-to-nearest by default, for every provider: decode speed
+and memory do not depend on the rounding, and RTN keeps the quantising out of the time
+budget. ``--method refit`` times the default load path's rounding instead (``quantize_s``).
 
-Budget: under 4 minutes on an H100; providers not started within ``--time-budget`` seconds
-get a skip record. Without CUDA the script prints a skip record and exits 0; ``--smoke`` runs
-every step on the CPU with the tiny test config instead (a logic check; numbers meaningless).
+Time budget: ``--time-budget`` seconds for everything; when it runs out, the provider or
+memory check under way is stopped (SIGALRM) and recorded as stopped, and the rest get skip
+records. Without CUDA the script prints a skip record and exits 0; ``--smoke`` runs every
+step on the CPU with the tiny test config instead (a logic check; numbers meaningless).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -76,6 +81,7 @@ from _synthetic import (  # noqa: E402
     kv_bytes_per_token,
     make_config,
     nf4_linears,
+    nf4_unavailable,
     tiny_processor,
 )
 
@@ -85,15 +91,37 @@ PROVIDERS = ("release_bf16_loop", "ours_bf16", "int8", "int4", "int4_small", "nf
 RUN_ORDER = ("ours_bf16", "release_bf16_loop", "int4", "int4_small", "int8", "nf4_dense")
 BITS = {"release_bf16_loop": 16, "ours_bf16": 16, "int8": 8, "int4": 4, "int4_small": 4, "nf4_dense": 4}
 STATIC_DECODE = {"ours_bf16", "int8", "int4", "int4_small"}  # the rest decode the release's way
+DENSE_PAIR = ("ours_bf16", "release_bf16_loop")  # the same dense model, built once for both
 MEMORY_BUDGET_GIB = {"int4": 6.0, "int4_small": 4.5}
 PROMPT = "Describe this image."
 IMAGE_SIZE = (1920, 1080)
-MEMORY_CHECK_NEW_TOKENS = 200
+MEMORY_CHECK_IMAGE_SIZE = (640, 480)
+MEMORY_CHECK_NEW_TOKENS = 512
 GIB = 2**30
 
 
 class Skip(Exception):
     """A provider that cannot run here (the reason is recorded)."""
+
+
+class OutOfTime(BaseException):
+    """The time budget ran out. A BaseException, so that no ``except Exception`` on the way
+    (ours, or a library's) swallows it."""
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float):
+    """Raise OutOfTime in the main thread once ``seconds`` have passed (SIGALRM), wherever it is."""
+    def expire(signum, frame):
+        raise OutOfTime
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,12 +194,6 @@ def copy_gbps(out: Path, device: str) -> float | None:
 # ---------------------------------------------------------------------------------------
 # models per provider
 # ---------------------------------------------------------------------------------------
-def _method(args, provider: str) -> str:
-    if args.method != "auto":
-        return args.method
-    return "refit" if provider == "int4" else "rtn"
-
-
 def prepare(provider: str, model, args) -> dict:
     """Turn the dense model into ``provider``'s, in place; what was done, for the record."""
     from molmoe_lite import patch
@@ -185,7 +207,7 @@ def prepare(provider: str, model, args) -> dict:
             mod.use_kernels = False if release else None
     info["fused_norms"] = not release
     if provider in ("int8", "int4", "int4_small"):
-        method = _method(args, provider)
+        method = args.method
         t0 = time.perf_counter()
         patch(model, bits=BITS[provider], method=method)
         _sync()
@@ -196,10 +218,9 @@ def prepare(provider: str, model, args) -> dict:
         apply_small_preset(model, method)
         info["small_preset"] = "molmoe_lite.api.apply_small_preset"
     if provider == "nf4_dense":
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as exc:  # missing, or no binary for this platform
-            raise Skip(f"bitsandbytes unavailable ({type(exc).__name__}: {exc})"[:300]) from None
+        why = nf4_unavailable(model.device, model.compute_dtype)
+        if why:
+            raise Skip(why)
         nf4_linears(model, ("attention", "experts"))
         info["nf4"] = "bitsandbytes Linear4bit nf4, blocksize 64, no double quant; experts + attention"
     return info
@@ -330,32 +351,40 @@ def run_provider(provider: str, model, proc, image, args, rec: Recorder, gbps_co
         rec.emit({**r, "peak_gib": _peak_gib() if on_gpu else None, **common, "date": time.strftime("%Y-%m-%d")})
 
 
+def _context_bytes() -> int:
+    """GPU memory this process holds outside the caching allocator: CUDA context, loaded kernels..."""
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) - torch.cuda.memory_reserved()
+
+
 @torch.inference_mode()
-def memory_check(provider: str, cfg, proc, image, dtype, rec: Recorder) -> None:
+def memory_check(provider: str, cfg, proc, rec: Recorder) -> None:
     """Build ``provider``'s preset directly quantised under a capped allocator; record whether it fits."""
+    from molmoe_lite.demo import demo_image
     from molmoe_lite.fast_decode import StaticDecoder
 
     budget = MEMORY_BUDGET_GIB[provider]
     _free()
-    free, total = torch.cuda.mem_get_info()
-    context = (total - free) - torch.cuda.memory_reserved()  # CUDA context, kernels, cuBLAS...
+    context = _context_bytes()
+    total = torch.cuda.mem_get_info()[1]
     limit = budget * GIB - context
-    r = {"provider": provider, "bits": 4, "batch": 1, "memory_check": True, "budget_gib": budget,
-         "cuda_context_gib": context / GIB, "allocator_limit_gib": limit / GIB,
-         "new_tokens_budgeted": MEMORY_CHECK_NEW_TOKENS}
     small = provider == "int4_small"
-    r["preset"] = "small" if small else "default"
+    r = {"provider": provider, "bits": 4, "batch": 1, "memory_check": True, "budget_gib": budget,
+         "preset": "small" if small else "default", "cuda_context_gib": context / GIB,
+         "allocator_limit_gib": limit / GIB, "image_size": list(MEMORY_CHECK_IMAGE_SIZE),
+         "new_tokens_budgeted": MEMORY_CHECK_NEW_TOKENS}
     if limit <= 0:
         rec.emit({**r, "fits": False, "error": "the CUDA context alone exceeds the budget"})
         return
     model = batch = cache = decoder = None
-    fits, error = False, None
-    torch.cuda.set_per_process_memory_fraction(max(limit, 0) / total)
+    error = None
+    torch.cuda.set_per_process_memory_fraction(limit / total)
     _reset_peak()
     try:
         # what load() builds: quantised modules from the start (small's linears quantised on read)
-        model = build_model(cfg, "cuda", dtype, quantized=("experts",), bits=4, group_size=64, small=small)
+        model = build_model(cfg, "cuda", torch.bfloat16, quantized=("experts",), bits=4, group_size=64, small=small)
         r["weights_gib"] = gpu_bytes(model) / GIB
+        image = demo_image(*MEMORY_CHECK_IMAGE_SIZE)
         ttft, batch, cache = prefill(model, proc, image, MEMORY_CHECK_NEW_TOKENS)
         decoder = StaticDecoder(model, cache, batch["input_ids"] != -1)
         tok = torch.zeros(1, dtype=torch.long, device=model.device)
@@ -363,7 +392,6 @@ def memory_check(provider: str, cfg, proc, image, dtype, rec: Recorder) -> None:
             decoder.step(tok)
         torch.cuda.synchronize()
         r.update(ttft_s=ttft, graph=decoder.captured, prompt_tokens=int(batch["input_ids"].shape[1]))
-        fits = True
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     finally:
@@ -371,9 +399,14 @@ def memory_check(provider: str, cfg, proc, image, dtype, rec: Recorder) -> None:
         _free()
         torch.cuda.set_per_process_memory_fraction(1.0)
     peak = torch.cuda.max_memory_reserved() / GIB
+    context_after = _context_bytes() / GIB  # kernels and libraries loaded during the check count too
+    used = peak + max(context / GIB, context_after)
+    if error is None and used > budget:
+        error = f"peak {peak:.2f} GiB + CUDA context {context_after:.2f} GiB exceeds {budget} GiB"
+    fits = error is None
     key = "fits_6gb" if budget == 6.0 else "fits_4_5gb"
-    rec.emit({**r, "peak_gib": peak, "peak_plus_context_gib": peak + context / GIB, "fits": fits, key: fits,
-              "error": error, "date": time.strftime("%Y-%m-%d")})
+    rec.emit({**r, "peak_gib": peak, "cuda_context_after_gib": context_after, "peak_plus_context_gib": used,
+              "fits": fits, key: fits, "error": error, "date": time.strftime("%Y-%m-%d")})
 
 
 # ---------------------------------------------------------------------------------------
@@ -389,13 +422,13 @@ def _parse(argv):
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size (default 32)")
     ap.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps first (graph capture)")
     ap.add_argument("--ttft-repeats", type=int, default=3, help="timed prefills after a warm-up (median)")
-    ap.add_argument("--method", choices=["auto", "refit", "rtn"], default="auto",
-                    help="expert rounding: auto = refit for int4, rtn for int8/int4_small")
+    ap.add_argument("--method", choices=["rtn", "refit"], default="rtn",
+                    help="rounding of every quantised provider (default rtn; refit: the default load path's)")
     ap.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
                     help="check int4 within 6 GiB and int4_small within 4.5 GiB (default on)")
     ap.add_argument("--time-budget", type=float, default=170.0,
-                    help="seconds after which providers not yet started are skipped (default 170, "
-                         "so the last one ends within gpu_check's 240 s)")
+                    help="seconds for the whole run (default 170): then the job under way is stopped "
+                         "and the rest are skipped, each with a record")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
                     help="run on the CPU with the tiny test config (checks the script, not speed)")
@@ -414,6 +447,14 @@ def _parse(argv):
     return args
 
 
+def _job_fields(job: tuple[str, str]) -> dict:
+    """The fields that say which job a skip or error record is about."""
+    kind, provider = job
+    if kind == "memory-check":
+        return {"provider": provider, "memory_check": True}
+    return {"provider": provider, "bits": BITS[provider]}
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -429,42 +470,44 @@ def main(argv=None) -> int:
     dtype = torch.float32 if smoke else torch.bfloat16
     cfg = make_config("tiny" if smoke else "full")
     image = demo_image(*IMAGE_SIZE)
-    gbps_copy = None if smoke else copy_gbps(args.out, rec.device)
+    # the memory checks first: they are targets, and cheap next to the providers
+    jobs = [("memory-check", p) for p in args.providers if p in MEMORY_BUDGET_GIB and args.memory_check and not smoke]
+    jobs += [("decode", p) for p in args.providers]
+    done = 0
     with tempfile.TemporaryDirectory() as tmp:
-        proc = tiny_processor(tmp)
-        dense = None  # shared by consecutive providers that leave it unchanged
-        for i, provider in enumerate(args.providers):
+        try:
+            with time_budget(args.time_budget):
+                gbps_copy = None if smoke else copy_gbps(args.out, rec.device)
+                proc = tiny_processor(tmp)
+                dense = None  # shared by consecutive providers that leave it unchanged
+                for job in jobs:
+                    kind, provider = job
+                    try:
+                        if kind == "memory-check":
+                            memory_check(provider, cfg, proc, rec)
+                        else:
+                            model = dense if dense is not None else build_model(cfg, device, dtype, seed=args.seed)
+                            dense = None
+                            run_provider(provider, model, proc, image, args, rec, gbps_copy)
+                            later = [p for k, p in jobs[done + 1:] if k == "decode"]
+                            if provider in DENSE_PAIR and later and later[0] in DENSE_PAIR:
+                                dense = model
+                    except Skip as exc:
+                        rec.emit({**_job_fields(job), "skipped": str(exc)})
+                    except Exception as exc:  # one provider failing must not lose the others
+                        traceback.print_exc()
+                        rec.emit({**_job_fields(job), "error": f"{type(exc).__name__}: {exc}"[:500]})
+                    finally:
+                        model = None
+                        _free()
+                    done += 1
+        except (OutOfTime, KeyboardInterrupt) as exc:
+            why = (f"time budget of {args.time_budget:.0f} s ran out" if isinstance(exc, OutOfTime)
+                   else "interrupted (the stage's time limit)")
             elapsed = time.perf_counter() - start
-            if elapsed > args.time_budget:
-                rec.emit({"provider": provider, "bits": BITS[provider],
-                          "skipped": f"time budget: {elapsed:.0f} s of {args.time_budget:.0f} s used"})
-                continue
-            try:
-                model = dense if dense is not None else build_model(cfg, device, dtype, seed=args.seed)
-                dense = None
-                run_provider(provider, model, proc, image, args, rec, gbps_copy)
-                nxt = args.providers[i + 1] if i + 1 < len(args.providers) else None
-                if provider in ("ours_bf16", "release_bf16_loop") and nxt in ("ours_bf16", "release_bf16_loop"):
-                    dense = model
-            except Skip as exc:
-                rec.emit({"provider": provider, "bits": BITS[provider], "skipped": str(exc)})
-            except Exception as exc:  # one provider failing must not lose the others
-                traceback.print_exc()
-                rec.emit({"provider": provider, "bits": BITS[provider],
-                          "error": f"{type(exc).__name__}: {exc}"[:500]})
-            finally:
-                model = None
-                _free()
-            if args.memory_check and provider in MEMORY_BUDGET_GIB and not smoke:
-                if time.perf_counter() - start > args.time_budget:
-                    rec.emit({"provider": provider, "memory_check": True, "skipped": "time budget"})
-                    continue
-                try:
-                    memory_check(provider, cfg, proc, image, dtype, rec)
-                except Exception as exc:
-                    traceback.print_exc()
-                    rec.emit({"provider": provider, "memory_check": True,
-                              "error": f"{type(exc).__name__}: {exc}"[:500]})
+            for i, job in enumerate(jobs[done:]):
+                state = "stopped" if i == 0 else "not started"
+                rec.emit({**_job_fields(job), "skipped": f"{state}: {why} after {elapsed:.0f} s"})
     print(f"bench_e2e: {time.perf_counter() - start:.0f} s, records in {rec.path}", file=sys.stderr)
     return 0
 

@@ -1,12 +1,15 @@
-"""Stages of ``gpu_check.sh``; each prints one JSON line and writes it to OUT/<stage>.json.
+"""Small stages of ``gpu_check.sh``; each prints one JSON line and writes it to OUT/<stage>.json.
+
+    python benchmarks/gpu_check.py STAGE [STAGE...] --out OUT
 
 - ``env``: the device and software versions.
-- ``tests-summary``: counts from the CUDA test run's junit XML.
 - ``bandwidth``: device-to-device copy of a 1 GiB buffer, timed with CUDA events; bytes
   counted as read + written, the ceiling every bandwidth fraction is taken against.
+- ``tests-summary``: counts and failed test ids from the CUDA test run's junit XML.
+- ``targets``: ``targets.py`` on OUT (targets.json, and the table in targets.txt).
 
-The end-to-end model benchmark (dense, int8, int4, NF4 at the release's sizes) is
-``bench_e2e.py``; it reads ``bandwidth.json`` written here.
+Several stages run in one process, in the order given. Also here: ``time_us`` and
+``measure_copy``, the timing helpers the benchmarks share.
 """
 
 from __future__ import annotations
@@ -75,11 +78,12 @@ def time_us(fn, rounds: int = 10, graph: bool = True) -> tuple[float, str, objec
     ("graph" or "eager"), and the callable that was timed.
 
     graph=True captures ``fn`` once in a CUDA graph (after a warm-up that compiles its kernels)
-    and times replays: a Python-side Triton launch costs about as long as a whole batch-1 MoE
-    layer takes on an H100, so eager timing would measure the host, not the kernels. The runtime
-    decodes the same way (fast_decode.StaticDecoder). Providers that sync with the host (the
-    release's expert loop) cannot be captured: pass graph=False and they run as they would. A
-    capture that fails anyway falls back to eager timing, and ``how`` says why.
+    and times replays: at batch 1 a Python-side Triton launch can take as long as the kernel it
+    launches, so eager timing would measure the host, not the kernels. The runtime decodes the
+    same way (fast_decode.StaticDecoder). Providers that sync with the host (the release's
+    expert loop) cannot be captured: pass graph=False and they run as they would. A capture
+    that fails anyway falls back to eager timing, and ``how`` says why (callers whose code
+    must be capturable check it).
     """
     fn()  # compile, allocate
     torch.cuda.synchronize()
@@ -121,17 +125,29 @@ def stage_bandwidth(out: Path) -> None:
     _write(out, "bandwidth", {"device": _device_name(), **measure_copy()})
 
 
-def main() -> None:
+def stage_targets(out: Path) -> None:
+    import targets  # beside this file
+
+    targets.main([str(out)])
+
+
+STAGES = {"env": stage_env, "bandwidth": stage_bandwidth, "tests-summary": stage_tests_summary,
+          "targets": stage_targets}
+NEEDS_GPU = {"bandwidth"}
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["env", "tests-summary", "bandwidth"])
+    ap.add_argument("stages", nargs="+", choices=list(STAGES), metavar="STAGE",
+                    help=f"one or more of {', '.join(STAGES)}")
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    needs_gpu = args.stage == "bandwidth"
-    if needs_gpu and not torch.cuda.is_available():
-        _write(args.out, args.stage, {"device": _device_name(), "skipped": "no CUDA device"})
-        return
-    {"env": stage_env, "tests-summary": stage_tests_summary, "bandwidth": stage_bandwidth}[args.stage](args.out)
+    for stage in args.stages:
+        if stage in NEEDS_GPU and not torch.cuda.is_available():
+            _write(args.out, stage, {"device": _device_name(), "skipped": "no CUDA device"})
+            continue
+        STAGES[stage](args.out)
 
 
 if __name__ == "__main__":

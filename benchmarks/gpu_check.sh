@@ -1,62 +1,147 @@
 #!/usr/bin/env bash
-# The project's one GPU script: everything a lent GPU should tell us, in one call (< 8 minutes).
+# The project's one GPU script: everything a lent GPU should tell us, in one call, in under 8 minutes.
 #
-#   benchmarks/gpu_check.sh [OUT_DIR]
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [--only STAGE,STAGE...]     (OUT_DIR default: benchmarks/results)
+#   bash benchmarks/gpu_check.sh --plan                                 (the stages and their limits)
 #
-# Stages, each writing its JSON into OUT_DIR as soon as it ends (so a run cut short still reports);
-# the timeout of each (seconds) in brackets, 450 s in all:
-#   1. env.json          device, driver, versions                                            [15]
-#   2. cuda_tests.xml    the kernel tests compiled for this GPU (fp32/fp16/bf16) and the      [140]
-#                        model on the GPU (bf16/fp16 against fp32 on the CPU, CUDA-graph
-#                        decode), then tests_summary.json from their junit XML               [10]
-#      kernels_aot.json  every kernel x shipped config compiled for sm_75..sm_90, shared memory
-#                        checked: CPU only, so it runs in the background during the tests    [(45)]
-#   3. bandwidth.json    measured device copy bandwidth                                       [15]
-#   4. moe_bench.jsonl   one MolmoE MoE layer (E=64, top-8, H=2048, I=1024) for T in 1..4096: [55]
-#                        our int4/int8 kernels vs the bf16 reference loop, torch._grouped_mm,
-#                        bitsandbytes NF4 (one record per test, appended as it ends)
-#   5. e2e.jsonl         the whole model at the real shapes (random weights): TTFT for one   [170]
-#                        1920x1080 image, decode tokens/s at batch 1 and 4, peak memory, the
-#                        bandwidth floor, for release bf16 loop / ours bf16 / int8 / int4 /
-#                        int4 small / NF4; int4 within 6 GiB and small within 4.5 GiB
-#   6. decode_sweep.jsonl the two decode kernels alone at T = 1 and 4 over candidate tiles     [30]
-#                        (sweep_decode.py): data for choosing the launch table; last, as the
-#                        least needed, and it stops starting candidates after 20 s
-#   7. *.png             plots of moe_bench.jsonl and e2e.jsonl (needs matplotlib; skipped    [5]
-#                        with a message otherwise)
-#   8. targets.json      each GPU target of the kernel and runtime issues: pass, fail or        [5]
-#                        missing (benchmarks/targets.py)
-# The GPU machine has no network: install with --no-deps (bitsandbytes travels as a wheel in .whl/).
+# Every stage writes into a work folder, /tmp/molmoe-gpu-check/<date>-<card>. On exit, however the
+# stages ended, that folder is packed into OUT_DIR/gpu-check-<date>-<card>.tar.gz and OUT_DIR gets
+# gpu-check-<date>-<card>-summary.txt (the stage table and the targets table): two files, so the
+# results come back from a machine that returns only a few. Unpack with
+#   tar -xzf gpu-check-<date>-<card>.tar.gz -C benchmarks/results
+#
+# Stages, in order (limit in seconds; at its limit a stage gets SIGINT, so pytest still writes its
+# junit report and the Python scripts their last record, then SIGKILL GRACE seconds later):
+#   wheels        pip install of the wheels carried in .whl/ (bitsandbytes), only when there are any
+#   install       pip install --no-deps -e . (molmoe_lite.kernels and .quantize exist only through it)
+#   env           env.json (device, versions), then bandwidth.json (device copy: the bandwidth ceiling)
+#   cuda-tests    the kernel tests compiled for this GPU and the model on the GPU (60 s per test);
+#                 without a GPU only the CUDA-marked tests, which skip
+#   moe-bench     one MoE layer (E=64, top-8, H=2048, I=1024) per provider: T=1 and T=1024 of every
+#                 provider first, then the other T; int4/int8 checked against the dense reference
+#   e2e           the two memory checks, then the whole model per provider (TTFT, decode); stops
+#                 itself E2E_MARGIN seconds before its limit
+#   decode-sweep  the decode kernels over candidate tiles; starts no candidate SWEEP_MARGIN seconds
+#                 before its limit
+#   report        tests_summary.json, targets.json and targets.txt
+#   plots         PNGs of moe_bench.jsonl and e2e.jsonl
+#   pack          the archive (run on exit)
+# The GPU machine has no network: pip installs with --no-deps, bitsandbytes travels as a wheel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-${OUT:-benchmarks/results/latest}}
-mkdir -p "$OUT"
+
+STAGES=(wheels install env cuda-tests moe-bench e2e decode-sweep report plots pack)
+declare -A LIMIT=([wheels]=15 [install]=25 [env]=25 [cuda-tests]=110 [moe-bench]=75 [e2e]=105
+                  [decode-sweep]=35 [report]=10 [plots]=20 [pack]=10)
+GRACE=3          # seconds between a stage's SIGINT and its SIGKILL
+SETUP=10         # finding the card (nvidia-smi), before the first stage
+E2E_MARGIN=12    # bench_e2e stops its provider this long before the stage's limit
+SWEEP_MARGIN=15  # sweep_decode starts no candidate after its limit minus this
+
+worst_case() {
+  local total=$SETUP stage
+  for stage in "${STAGES[@]}"; do total=$((total + LIMIT[$stage] + GRACE)); done
+  echo "$total"
+}
+
+print_plan() {
+  local stage
+  for stage in "${STAGES[@]}"; do printf '  %-13s %4s s\n' "$stage" "${LIMIT[$stage]}"; done
+  local total; total=$(worst_case)
+  printf 'worst case: %s s (%dm%02ds): the limits, %s s of grace per stage, %s s to find the card\n' \
+    "$total" $((total / 60)) $((total % 60)) "$GRACE" "$SETUP"
+}
+
+OUT_DIR=benchmarks/results
+ONLY=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --plan) print_plan; exit 0 ;;
+    --only) ONLY=",$2,"; shift ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) OUT_DIR=$1 ;;
+  esac
+  shift
+done
+
+PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+CARD=$(timeout 10 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+SLUG=$(echo "${CARD:-cpu}" | tr 'A-Z' 'a-z' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/-$//')
+NAME="$(date -u +%Y-%m-%d)-$SLUG${ONLY:+-rerun-$(date -u +%H%M)}"
+WORK=${TMPDIR:-/tmp}/molmoe-gpu-check/$NAME
+rm -rf "$WORK"
+mkdir -p "$WORK/logs" "$OUT_DIR"
+ARCHIVE="$OUT_DIR/gpu-check-$NAME.tar.gz"
+SUMMARY="$OUT_DIR/gpu-check-$NAME-summary.txt"
+
+selected() { [ -z "$ONLY" ] || [[ $ONLY == *",$1,"* ]]; }
+
+# run_stage NAME COMMAND...: COMMAND under NAME's limit; output to the console and WORK/logs/NAME.log;
+# one line per stage in WORK/stages.txt. A stage's failure never stops the script.
+run_stage() {
+  local name=$1; shift
+  local limit=${LIMIT[$name]} start=$SECONDS rc verdict
+  if ! selected "$name"; then return; fi
+  echo "=== $(date -u +%H:%M:%S) stage $name, limit ${limit} s: $*"
+  timeout -s INT -k "$GRACE" "$limit" "$@" 2>&1 | tee "$WORK/logs/$name.log"
+  rc=${PIPESTATUS[0]}
+  case $rc in
+    0) verdict="ok" ;;
+    124) verdict="cut at its limit (SIGINT)" ;;
+    137) verdict="killed ${GRACE} s after its limit" ;;
+    *) verdict="exit status $rc" ;;
+  esac
+  printf '%-13s %4d s of %4d s  %s\n' "$name" $((SECONDS - start)) "$limit" "$verdict" | tee -a "$WORK/stages.txt"
+}
+
+skip_stage() {  # skip_stage NAME REASON
+  if selected "$1"; then printf '%-13s %4d s of %4d s  skipped: %s\n' "$1" 0 "${LIMIT[$1]}" "$2" | tee -a "$WORK/stages.txt"; fi
+}
+
+pack() {
+  {
+    echo "gpu_check.sh on ${CARD:-no GPU}, $(date -u '+%Y-%m-%d %H:%M UTC'), $SECONDS s in all"
+    echo "stage         took     limit  outcome"
+    cat "$WORK/stages.txt" 2>/dev/null
+    echo
+    cat "$WORK/targets.txt" 2>/dev/null || echo "no targets table (the report stage did not run)"
+  } > "$WORK/summary.txt"
+  cp "$WORK/summary.txt" "$SUMMARY"
+  timeout "${LIMIT[pack]}" tar -czf "$ARCHIVE.part" -C "$(dirname "$WORK")" "$NAME" && mv "$ARCHIVE.part" "$ARCHIVE"
+  echo "=== results: $ARCHIVE ($(du -h "$ARCHIVE" 2>/dev/null | cut -f1)), $SUMMARY"
+  cat "$SUMMARY"
+}
+trap pack EXIT
+trap 'exit 130' INT  # so that an outside interrupt still packs what exists
+trap 'exit 143' TERM
+
+echo "gpu_check.sh: ${CARD:-no GPU found (a rehearsal: the GPU-only parts skip)}; work folder $WORK"
+print_plan
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  run_stage wheels "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  skip_stage wheels "no wheels in .whl/"
 fi
-# always install: from the repo root `import molmoe_lite` would succeed without it, but
-# molmoe_lite.kernels / molmoe_lite.quantize exist only through the install's folder mapping
-python3 -m pip install -q --no-deps --no-build-isolation -e .
-# compile-heavy GPU tests run in 8 parallel workers when pytest-xdist is there (the GPU image has it;
-# 16 cores, and each worker's CUDA context and test weights take a few GB of the 80)
-XDIST=""; timeout 5 python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
+run_stage install "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e .
+run_stage env "$PYTHON" benchmarks/gpu_check.py env bandwidth --out "$WORK"
 
-timeout 15 python3 benchmarks/gpu_check.py env --out "$OUT"
-# CPU-only, so it overlaps the GPU tests; waited for before any timing runs
-( timeout 45 python3 -m molmoe_lite.kernels.aot --json > "$OUT/kernels_aot.json" ) &
-AOT_PID=$!
-# every kernel test (fp32/fp16/bf16 compiled for this GPU) plus the model-on-GPU tests
-timeout 140 python3 -m pytest -q $XDIST -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" \
-  tests/test_kernels_moe.py tests/test_kernels_routing.py tests/test_kernels_norms.py tests/test_model_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
-timeout 10 python3 benchmarks/gpu_check.py tests-summary --out "$OUT"
-wait "$AOT_PID"
-timeout 15 python3 benchmarks/gpu_check.py bandwidth --out "$OUT"
-MOLMOE_BENCH_RESULTS="$OUT/moe_bench.jsonl" timeout 55 python3 -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_moe.py 2>&1 | tee "$OUT/moe_bench.log"
-timeout 170 python3 benchmarks/bench_e2e.py --out "$OUT" --memory-check --time-budget 150
-timeout 30 python3 benchmarks/sweep_decode.py --out "$OUT" --budget-s 20
-timeout 5 python3 benchmarks/plot_results.py "$OUT" || true
-timeout 5 python3 benchmarks/targets.py "$OUT"
-echo "results in $OUT:"; ls -l "$OUT"
+PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider)
+timeout 10 "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 60)
+CUDA_TESTS=(tests/test_kernels_moe.py tests/test_kernels_routing.py tests/test_kernels_norms.py tests/test_model_cuda.py)
+if [ -n "$CARD" ]; then
+  # 8 workers: the compiles dominate; each worker's CUDA context and test weights take a few GB
+  timeout 10 "$PYTHON" -c "import xdist" 2>/dev/null && CUDA_TESTS+=(-n 8)
+else
+  CUDA_TESTS+=(-m cuda)
+fi
+run_stage cuda-tests "${PYTEST[@]}" --junitxml "$WORK/cuda_tests.xml" "${CUDA_TESTS[@]}"
+run_stage moe-bench env MOLMOE_BENCH_RESULTS="$WORK/moe_bench.jsonl" \
+  "${PYTEST[@]}" -s --junitxml "$WORK/moe_bench.xml" benchmarks/test_bench_moe.py
+run_stage e2e "$PYTHON" benchmarks/bench_e2e.py --out "$WORK" --time-budget $((LIMIT[e2e] - E2E_MARGIN))
+run_stage decode-sweep "$PYTHON" benchmarks/sweep_decode.py --out "$WORK" --budget-s $((LIMIT[decode-sweep] - SWEEP_MARGIN))
+run_stage report "$PYTHON" benchmarks/gpu_check.py tests-summary targets --out "$WORK"
+run_stage plots "$PYTHON" benchmarks/plot_results.py "$WORK"

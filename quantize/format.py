@@ -56,8 +56,11 @@ REFIT_ITERS = 4
 _REFIT_STARTS = (1.0, 0.9)
 
 # Elements handled per chunk (2 MB per float32 temporary): bounds the temporaries for
-# large stacks; measured fastest here (smaller: per-op overhead on the [c] vectors).
+# large stacks; measured fastest on the CPU (smaller: per-op overhead on the [c] vectors).
+# On CUDA each chunk also costs a few host syncs and dozens of launches, so chunks are 8x
+# larger there (16 MB per temporary): one chunk per expert matrix of MolmoE.
 _CHUNK_ELEMS = 1 << 19
+_CHUNK_ELEMS_CUDA = 1 << 22
 _FP16_MAX = torch.finfo(torch.float16).max
 # Smallest stored scale: the smallest normal float16, so a scale never loses relative
 # precision to subnormals. Groups with a range below ~15x this (1e-3) get a coarser step.
@@ -328,7 +331,7 @@ def quantize_weight(
     else:
         qweight = torch.empty(r, g, dtype=torch.int8, device=w.device)
 
-    step = max(1, _CHUNK_ELEMS // g)
+    step = max(1, (_CHUNK_ELEMS_CUDA if w.is_cuda else _CHUNK_ELEMS) // g)
     for i in range(0, r, step):
         x = groups[i : i + step].float()
         lo, hi = x.amin(), x.amax()

@@ -261,6 +261,20 @@ def test_stacked_equals_per_slice():
         assert torch.equal(part.zeros, one.zeros)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("chunk", [64, 3 * 64, 1 << 22], ids=["one_group", "uneven_tail", "whole_weight"])
+def test_chunk_size_does_not_change_the_result(monkeypatch, bits, chunk):
+    """Groups are rounded independently, so the chunking (larger on CUDA) changes nothing."""
+    import molmoe_lite.quantize.format as fmt
+
+    w = gaussian((2, 24, 128), seed=4)
+    want = quantize_weight(w, bits=bits, group_size=64)
+    monkeypatch.setattr(fmt, "_CHUNK_ELEMS", chunk)
+    got = quantize_weight(w, bits=bits, group_size=64)
+    assert torch.equal(got.qweight, want.qweight) and torch.equal(got.scales, want.scales)
+    assert (got.zeros is None and want.zeros is None) or torch.equal(got.zeros, want.zeros)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
