@@ -19,9 +19,10 @@ import json
 import platform
 import time
 import xml.etree.ElementTree as ET
+from importlib import metadata
 from pathlib import Path
 
-import torch
+# torch is imported inside the stages that need it: the report stages run without it, in a second
 
 
 def _write(out: Path, stage: str, record: dict) -> None:
@@ -31,25 +32,29 @@ def _write(out: Path, stage: str, record: dict) -> None:
 
 
 def _device_name() -> str:
+    import torch
+
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
 
 
-def stage_env(out: Path) -> None:
-    import transformers
-
+def _version(package: str) -> str | None:
     try:
-        import triton
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+
+def stage_env(out: Path) -> None:
+    import torch
+
     rec = {
         "device": _device_name(),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "transformers": transformers.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "bitsandbytes": _version("bitsandbytes"),
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -58,9 +63,15 @@ def stage_env(out: Path) -> None:
 
 
 def stage_tests_summary(out: Path) -> None:
+    """Counts and failed ids from OUT/cuda_tests.xml; ``interrupted`` when the run was cut at its
+    limit (pytest writes the report of the tests that ran; its log says KeyboardInterrupt)."""
+    try:  # the env stage's device, so this stage needs no torch
+        device = json.loads((out / "env.json").read_text())["device"]
+    except (OSError, ValueError, KeyError):
+        device = _device_name()
     xml = out / "cuda_tests.xml"
     if not xml.exists():
-        _write(out, "tests-summary", {"device": _device_name(), "error": "no junit xml (the test run did not finish)"})
+        _write(out, "tests-summary", {"device": device, "error": "no junit xml (the test run did not finish)"})
         return
     root = ET.parse(xml).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
@@ -70,7 +81,9 @@ def stage_tests_summary(out: Path) -> None:
         for c in suite.iter("testcase")
         if c.find("failure") is not None or c.find("error") is not None
     ]
-    _write(out, "tests-summary", {"device": _device_name(), **counts, "failed": failed})
+    log = out / "logs" / "cuda-tests.log"
+    interrupted = log.exists() and "KeyboardInterrupt" in log.read_text(errors="replace")
+    _write(out, "tests-summary", {"device": device, **counts, "failed": failed, "interrupted": interrupted})
 
 
 def time_us(fn, rounds: int = 10, graph: bool = True) -> tuple[float, str, object]:
@@ -85,6 +98,8 @@ def time_us(fn, rounds: int = 10, graph: bool = True) -> tuple[float, str, objec
     that fails anyway falls back to eager timing, and ``how`` says why (callers whose code
     must be capturable check it).
     """
+    import torch
+
     fn()  # compile, allocate
     torch.cuda.synchronize()
     run, how = fn, "eager"
@@ -115,6 +130,8 @@ def time_us(fn, rounds: int = 10, graph: bool = True) -> tuple[float, str, objec
 
 def measure_copy(n: int = 2**30, iters: int = 20) -> dict:
     """Device-to-device copy of ``n`` bytes: ms per copy and GB/s counting read + written bytes."""
+    import torch
+
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = time_us(lambda: dst.copy_(src), iters, graph=False)[0] / 1e3
@@ -131,6 +148,12 @@ def stage_targets(out: Path) -> None:
     targets.main([str(out)])
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 STAGES = {"env": stage_env, "bandwidth": stage_bandwidth, "tests-summary": stage_tests_summary,
           "targets": stage_targets}
 NEEDS_GPU = {"bandwidth"}
@@ -144,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for stage in args.stages:
-        if stage in NEEDS_GPU and not torch.cuda.is_available():
+        if stage in NEEDS_GPU and not _cuda_available():
             _write(args.out, stage, {"device": _device_name(), "skipped": "no CUDA device"})
             continue
         STAGES[stage](args.out)

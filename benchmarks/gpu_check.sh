@@ -31,16 +31,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 STAGES=(wheels install env cuda-tests moe-bench e2e decode-sweep report plots pack)
-declare -A LIMIT=([wheels]=15 [install]=25 [env]=25 [cuda-tests]=110 [moe-bench]=75 [e2e]=105
-                  [decode-sweep]=35 [report]=10 [plots]=20 [pack]=10)
-GRACE=3          # seconds between a stage's SIGINT and its SIGKILL
-SETUP=10         # finding the card (nvidia-smi), before the first stage
+declare -A LIMIT=([wheels]=10 [install]=20 [env]=30 [cuda-tests]=110 [moe-bench]=75 [e2e]=105
+                  [decode-sweep]=30 [report]=15 [plots]=25 [pack]=5)
+GRACE=3          # seconds between a stage's SIGINT and its SIGKILL (pack is killed at once)
+SETUP=10         # before the stages: finding the card (nvidia-smi), finding pytest's plugins
 E2E_MARGIN=12    # bench_e2e stops its provider this long before the stage's limit
 SWEEP_MARGIN=15  # sweep_decode starts no candidate after its limit minus this
 
 worst_case() {
   local total=$SETUP stage
   for stage in "${STAGES[@]}"; do total=$((total + LIMIT[$stage] + GRACE)); done
+  total=$((total - GRACE))  # pack: tar, killed at its limit
   echo "$total"
 }
 
@@ -48,7 +49,7 @@ print_plan() {
   local stage
   for stage in "${STAGES[@]}"; do printf '  %-13s %4s s\n' "$stage" "${LIMIT[$stage]}"; done
   local total; total=$(worst_case)
-  printf 'worst case: %s s (%dm%02ds): the limits, %s s of grace per stage, %s s to find the card\n' \
+  printf 'worst case: %s s (%dm%02ds): the limits, %s s of grace per stage, %s s of setup\n' \
     "$total" $((total / 60)) $((total % 60)) "$GRACE" "$SETUP"
 }
 
@@ -66,7 +67,7 @@ done
 
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-CARD=$(timeout 10 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+CARD=$(timeout 5 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 SLUG=$(echo "${CARD:-cpu}" | tr 'A-Z' 'a-z' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/-$//')
 NAME="$(date -u +%Y-%m-%d)-$SLUG${ONLY:+-rerun-$(date -u +%H%M)}"
 WORK=${TMPDIR:-/tmp}/molmoe-gpu-check/$NAME
@@ -105,7 +106,7 @@ pack() {
     echo "stage         took     limit  outcome"
     cat "$WORK/stages.txt" 2>/dev/null
     echo
-    cat "$WORK/targets.txt" 2>/dev/null || echo "no targets table (the report stage did not run)"
+    cat "$WORK/targets.txt" 2>/dev/null || echo "no targets table (the report stage did not finish)"
   } > "$WORK/summary.txt"
   cp "$WORK/summary.txt" "$SUMMARY"
   timeout "${LIMIT[pack]}" tar -czf "$ARCHIVE.part" -C "$(dirname "$WORK")" "$NAME" && mv "$ARCHIVE.part" "$ARCHIVE"
@@ -129,12 +130,14 @@ fi
 run_stage install "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e .
 run_stage env "$PYTHON" benchmarks/gpu_check.py env bandwidth --out "$WORK"
 
+# pytest-timeout and xdist are on the GPU machine's image, and optional here
+PLUGINS=$(timeout 5 "$PYTHON" -c 'import importlib.util as u; print(*[m for m in ("pytest_timeout", "xdist") if u.find_spec(m)])')
 PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider)
-timeout 10 "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 60)
+[[ $PLUGINS == *pytest_timeout* ]] && PYTEST+=(--timeout 60)
 CUDA_TESTS=(tests/test_kernels_moe.py tests/test_kernels_routing.py tests/test_kernels_norms.py tests/test_model_cuda.py)
 if [ -n "$CARD" ]; then
   # 8 workers: the compiles dominate; each worker's CUDA context and test weights take a few GB
-  timeout 10 "$PYTHON" -c "import xdist" 2>/dev/null && CUDA_TESTS+=(-n 8)
+  [[ $PLUGINS == *xdist* ]] && CUDA_TESTS+=(-n 8)
 else
   CUDA_TESTS+=(-m cuda)
 fi

@@ -93,6 +93,9 @@ def tests_target(summary: dict | None) -> dict:
         return _target("tests", "CUDA tests: failures + errors", None, 0, False, "tests_summary.json")
     if str(summary.get("device", "")).startswith("cpu"):  # the CUDA-only tests all skipped
         return _target("tests", "CUDA tests: failures + errors", None, 0, False, "a test run on a GPU")
+    if summary.get("interrupted"):  # the tests that did not run could fail
+        return _target("tests", "CUDA tests: failures + errors", None, 0, False,
+                       "a test run that finished (this one was cut at its time limit)")
     bad = summary.get("failures", 0) + summary.get("errors", 0)
     t = _target("tests", "CUDA tests: failures + errors", bad, 0, bad == 0 and summary["tests"] > 0, "")
     t["tests"], t["skipped"], t["failed"] = summary["tests"], summary.get("skipped", 0), summary.get("failed", [])

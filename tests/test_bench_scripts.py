@@ -2,16 +2,21 @@
 
 bench_e2e.py: a clean skip record without CUDA, its whole logic on the tiny config with
 ``--smoke``, and the bandwidth floor's byte count against a count written out from the
-config; plot_results.py: PNGs from synthetic records when matplotlib is importable, a
-clear message when it is not; gpu_check.py: the env stage writes env.json; sweep_decode.py:
+config, and its time budget stopping the provider under way; plot_results.py: PNGs from
+synthetic records when matplotlib is importable, a clear message when it is not;
+gpu_check.py: the env, bandwidth and tests-summary stages; sweep_decode.py:
 its launch path on tiny shapes under the interpreter and the choice of the best candidate;
-targets.py: each issue target judged pass / fail / missing from synthetic records.
+targets.py: each target judged pass / fail / missing from synthetic records; gpu_check.sh: its
+worst-case time, a limit on every command, the archive it leaves, and the pytest behaviour on
+an interrupt its test stages rely on.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +58,25 @@ def test_bench_e2e_rejects_an_unknown_provider(tmp_path):
     res = _run([BENCH / "bench_e2e.py", "--out", tmp_path, "--providers", "int4,int3"])
     assert res.returncode == 2
     assert "int3" in res.stderr
+
+
+def test_bench_e2e_time_budget_stops_the_running_provider(tmp_path, monkeypatch):
+    """When the budget runs out the provider under way is stopped, not only the later ones skipped."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_e2e
+
+    def fake_run_provider(provider, *args):
+        if provider == "int8":
+            time.sleep(120)  # a provider that would outlast the stage
+
+    monkeypatch.setattr(bench_e2e, "build_model", lambda *a, **k: None)
+    monkeypatch.setattr(bench_e2e, "run_provider", fake_run_provider)
+    start = time.perf_counter()
+    code = bench_e2e.main(["--smoke", "--out", str(tmp_path), "--time-budget", "8", "--providers", "int4,int8,nf4_dense"])
+    assert code == 0 and time.perf_counter() - start < 60
+    recs = _records(tmp_path / "e2e.jsonl")
+    assert [(r["provider"], r["skipped"].split(":")[0]) for r in recs] == [("int8", "stopped"), ("nf4_dense", "not started")]
+    assert "time budget of 8 s ran out" in recs[0]["skipped"]
 
 
 def test_bench_e2e_smoke_records_every_provider_and_batch(tmp_path):
@@ -188,29 +212,104 @@ def test_plot_results_without_matplotlib_says_so(tmp_path):
 # ---------------------------------------------------------------------------------------
 # gpu_check.py
 # ---------------------------------------------------------------------------------------
-def test_gpu_check_env_stage_writes_env_json(tmp_path):
-    res = _run([BENCH / "gpu_check.py", "env", "--out", tmp_path], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def test_gpu_check_env_and_bandwidth_stages_in_one_process(tmp_path):
+    res = _run([BENCH / "gpu_check.py", "env", "bandwidth", "--out", tmp_path],
+               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert res.returncode == 0, res.stderr
     rec = json.loads((tmp_path / "env.json").read_text())
     assert rec["stage"] == "env" and rec["torch"] == torch.__version__ and rec["device"]
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == rec
+    bandwidth = json.loads((tmp_path / "bandwidth.json").read_text())
+    assert [json.loads(line) for line in res.stdout.strip().splitlines()[-2:]] == [rec, bandwidth]
+    if not torch.cuda.is_available():
+        assert bandwidth["skipped"] == "no CUDA device"
 
 
-def test_gpu_check_sh_timeouts_fit_the_budget():
-    """Every python stage of gpu_check.sh has a timeout and they sum to at most 7.5 minutes."""
-    import re
+@pytest.mark.parametrize("interrupted", [False, True], ids=["finished", "cut_at_its_limit"])
+def test_gpu_check_tests_summary_counts_failures_and_notices_a_cut(tmp_path, interrupted):
+    (tmp_path / "env.json").write_text(json.dumps({"device": "NVIDIA H200"}))
+    (tmp_path / "cuda_tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_a" name="test_ok"/>'
+        '<testcase classname="tests.test_a" name="test_bad"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_b" name="test_skip"><skipped/></testcase>'
+        "</testsuite></testsuites>")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "cuda-tests.log").write_text(
+        "..F\n!!!!!!! KeyboardInterrupt !!!!!!!\n" if interrupted else "..F\n1 failed, 1 passed\n")
+    res = _run([BENCH / "gpu_check.py", "tests-summary", "--out", tmp_path])
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "tests_summary.json").read_text())
+    assert (summary["tests"], summary["failures"], summary["skipped"]) == (3, 1, 1)
+    assert summary["failed"] == ["tests.test_a::test_bad"] and summary["device"] == "NVIDIA H200"
+    assert summary["interrupted"] is interrupted
 
-    lines = [ln for ln in (BENCH / "gpu_check.sh").read_text().splitlines()
-             if "python3" in ln and not ln.lstrip().startswith("#") and "pip install" not in ln
-             and 'import molmoe_lite"' not in ln]
-    timeouts = []
-    for ln in lines:
-        m = re.search(r"timeout (\d+) ", ln)
-        assert m, f"no timeout on: {ln}"
-        if "kernels.aot" not in ln:  # runs in the background, overlapping the CUDA tests
-            timeouts.append(int(m.group(1)))
-    assert sum(timeouts) <= 450, timeouts
-    assert "dense-model" not in (BENCH / "gpu_check.sh").read_text()
+
+def _plan() -> str:
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--plan"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_gpu_check_sh_worst_case_is_under_8_minutes():
+    """The plan's worst case (every stage cut at its limit and killed after its grace) stays under
+    8 minutes, and equals the stage table's sum, so no stage is left out of it."""
+    plan = _plan()
+    limits = {name: int(s) for name, s in re.findall(r"^\s+(\S+)\s+(\d+) s$", plan, re.M)}
+    worst, grace, setup = map(int, re.search(r"worst case: (\d+) s .* (\d+) s of grace per stage, (\d+) s of setup",
+                                             plan).groups())
+    assert worst < 8 * 60, plan
+    assert worst == setup + sum(limits.values()) + grace * (len(limits) - 1)  # pack is not interrupted first
+    assert {"cuda-tests", "moe-bench", "e2e", "decode-sweep", "report", "pack"} <= limits.keys()
+
+
+def test_gpu_check_sh_runs_every_command_under_a_stage_limit():
+    """No Python or pytest command of the script runs without a time limit, and every stage it runs
+    has a limit in the plan."""
+    text = (BENCH / "gpu_check.sh").read_text()
+    code = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    planned = set(re.findall(r"^\s+(\S+)\s+\d+ s$", _plan(), re.M))
+    for i, ln in enumerate(code):
+        if '"$PYTHON"' in ln or '"${PYTEST[@]}"' in ln:
+            head = ln if "run_stage" in ln or "timeout" in ln else code[i - 1]  # a continued line
+            assert "run_stage" in head or re.search(r"timeout \d+", head), f"no time limit on: {ln}"
+    stages = {m.group(1) for ln in code for m in [re.match(r"\s*(?:run_stage|skip_stage) (\S+) ", ln)] if m}
+    assert stages and stages <= planned, stages - planned
+    assert "kernels.aot" not in text  # it checks nothing GPU-specific: it runs on the CPU, in CI
+
+
+def test_gpu_check_sh_leaves_one_archive_and_a_summary(tmp_path):
+    """A run (here only the report stage, on whatever machine runs the tests) leaves exactly two files
+    in OUT_DIR: the archive of the work folder and the summary, however its stages ended."""
+    import tarfile
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(out), "--only", "report"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 2 and files[0].endswith("-summary.txt") and files[1].endswith(".tar.gz"), files
+    with tarfile.open(out / files[1]) as tar:
+        names = tar.getnames()
+    folder = files[1][len("gpu-check-"):-len(".tar.gz")]
+    for name in ("stages.txt", "summary.txt", "targets.json", "targets.txt", "tests_summary.json", "logs/report.log"):
+        assert f"{folder}/{name}" in names, names
+    summary = (out / files[0]).read_text()
+    assert re.search(r"^report\s+\d+ s of\s+\d+ s  ok$", summary, re.M), summary
+    assert "pass 0, fail 0, missing 9" in summary  # nothing measured: nothing passes
+
+
+def test_pytest_writes_its_junit_report_when_timeout_interrupts_it(tmp_path):
+    """What the script's test stages rely on: `timeout -s INT` cuts pytest and the report of the
+    tests that ran is still written."""
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                           "def test_hangs():\n    time.sleep(120)\n")
+    res = subprocess.run(["timeout", "-s", "INT", "-k", "60", "20", sys.executable, "-m", "pytest", "-q",
+                          "-p", "no:cacheprovider", "--junitxml", str(tmp_path / "report.xml"), "test_slow.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 124, res.stdout[-2000:]
+    xml = (tmp_path / "report.xml").read_text()
+    assert 'name="test_quick"' in xml
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,6 +381,8 @@ def test_targets_judges_each_target(tmp_path, monkeypatch):
     ])
     assert targets.main([str(tmp_path)]) == 0
     result = json.loads((tmp_path / "targets.json").read_text())
+    assert (tmp_path / "targets.txt").read_text() == targets.format_table(result) + "\n"
+    assert {t["area"] for t in result["targets"]} == {"tests", "kernel", "runtime"}
     status = {t["target"]: t["status"] for t in result["targets"]}
     assert status == {
         "CUDA tests: failures + errors": "pass",
@@ -309,4 +410,8 @@ def test_targets_on_an_empty_folder_says_missing_never_pass(tmp_path, monkeypatc
     # a CPU run's test summary (CUDA tests all skipped) is no evidence either
     (tmp_path / "tests_summary.json").write_text(json.dumps({"tests": 224, "failures": 0, "errors": 0,
                                                              "device": "cpu (x86_64)"}))
+    assert targets.judge(tmp_path)["targets"][0]["status"] == "missing"
+    # nor is a GPU run cut at its time limit: the tests that did not run could fail
+    (tmp_path / "tests_summary.json").write_text(json.dumps({"tests": 100, "failures": 0, "errors": 0,
+                                                             "device": "NVIDIA H200", "interrupted": True}))
     assert targets.judge(tmp_path)["targets"][0]["status"] == "missing"
