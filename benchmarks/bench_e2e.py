@@ -470,7 +470,7 @@ def main(argv=None) -> int:
     dtype = torch.float32 if smoke else torch.bfloat16
     cfg = make_config("tiny" if smoke else "full")
     image = demo_image(*IMAGE_SIZE)
-    # the memory checks first: they are targets, and cheap next to the providers
+    # the memory checks first: two of the targets, each on a model smaller than the dense one
     jobs = [("memory-check", p) for p in args.providers if p in MEMORY_BUDGET_GIB and args.memory_check and not smoke]
     jobs += [("decode", p) for p in args.providers]
     done = 0
