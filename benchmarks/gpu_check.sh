@@ -26,6 +26,8 @@
 #   report        tests_summary.json, targets.json and targets.txt
 #   plots         PNGs of moe_bench.jsonl and e2e.jsonl
 #   pack          the archive (run on exit)
+# --only reruns some of the measuring stages (cuda-tests, moe-bench, e2e, decode-sweep) into a
+# <date>-<card>-rerun-<HHMM> folder; the setup stages and report and plots always run.
 # The GPU machine has no network: pip installs with --no-deps, bitsandbytes travels as a wheel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +78,8 @@ mkdir -p "$WORK/logs" "$OUT_DIR"
 ARCHIVE="$OUT_DIR/gpu-check-$NAME.tar.gz"
 SUMMARY="$OUT_DIR/gpu-check-$NAME-summary.txt"
 
-selected() { [ -z "$ONLY" ] || [[ $ONLY == *",$1,"* ]]; }
+MEASURING=",cuda-tests,moe-bench,e2e,decode-sweep,"  # what --only chooses from; the other stages always run
+selected() { [ -z "$ONLY" ] || [[ $MEASURING != *",$1,"* ]] || [[ $ONLY == *",$1,"* ]]; }
 
 # run_stage NAME COMMAND...: COMMAND under NAME's limit; output to the console and WORK/logs/NAME.log;
 # one line per stage in WORK/stages.txt. A stage's failure never stops the script.
