@@ -33,7 +33,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 STAGES=(wheels install env cuda-tests moe-bench e2e decode-sweep report plots pack)
-declare -A LIMIT=([wheels]=10 [install]=20 [env]=30 [cuda-tests]=110 [moe-bench]=75 [e2e]=105
+declare -A LIMIT=([wheels]=10 [install]=20 [env]=30 [cuda-tests]=110 [moe-bench]=80 [e2e]=105
                   [decode-sweep]=30 [report]=15 [plots]=25 [pack]=5)
 GRACE=3          # seconds between a stage's SIGINT and its SIGKILL (pack is killed at once)
 SETUP=10         # before the stages: finding the card (nvidia-smi), finding pytest's plugins
