@@ -260,6 +260,7 @@ def test_gpu_check_sh_worst_case_is_under_8_minutes():
     assert worst < 8 * 60, plan
     assert worst == setup + sum(limits.values()) + grace * (len(limits) - 1)  # pack is not interrupted first
     assert {"cuda-tests", "moe-bench", "e2e", "decode-sweep", "report", "pack"} <= limits.keys()
+    assert f"at most {worst // 60} min {worst % 60} s" in (ROOT / "README.md").read_text()  # what the README promises
 
 
 def test_gpu_check_sh_runs_every_command_under_a_stage_limit():
