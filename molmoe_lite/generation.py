@@ -144,6 +144,98 @@ def _sample(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | No
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def sample_rows(logits: torch.Tensor, settings: list[SamplingSettings],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row from logits [n, V], each row with its own settings and generator, so a
+    seeded row draws the same tokens whatever else is in the batch. One host sync."""
+    tokens = logits.argmax(-1)
+    for i, (s, gen) in enumerate(zip(settings, generators)):
+        if s.temperature > 0:
+            tokens[i] = _sample(logits[i : i + 1], s, gen)[0]
+    return tokens.tolist()
+
+
+def eos_ids_of(settings: SamplingSettings, tokenizer: Any) -> set[int]:
+    """The ids that end a row: the settings' EOS id(s), else the tokenizer's."""
+    eos = settings.eos_token_id
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return set() if eos is None else set(eos) if isinstance(eos, tuple) else {eos}
+
+
+def hits_stop(ids: list[int], stops: tuple[str, ...], tok: Any) -> bool:
+    """Whether the text of ``ids`` ends with (contains, near its end) one of the stop strings."""
+    if not stops:
+        return False
+    # byte-level BPE: a stop string of n UTF-8 bytes spans at most n tokens, plus one that
+    # may carry bytes before it
+    longest = max(len(s.encode("utf-8")) for s in stops)
+    tail = tok.decode(ids[-(longest + 1) :], skip_special_tokens=False)
+    return any(s in tail for s in stops)
+
+
+def check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
+    """float16 can overflow on a prompt; say so rather than sample from NaNs."""
+    if dtype == torch.float16 and not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(
+            "float16 overflowed (non-finite logits after the prompt); load with dtype='bfloat16' "
+            "if the GPU has it, else dtype='float32'"
+        )
+
+
+class TextPieces:
+    """Generated ids in, text pieces out: the pieces always join to the text so far.
+
+    Text that ends in an incomplete UTF-8 character is held back until its last byte
+    arrives, and so is an ending that could be the start of a stop string; ``close``
+    releases the rest, cut before the first stop string when the row ended on one.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.ids: list[int] = []
+        self.shown = ""
+        self.text = ""
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _held_back(self, text: str) -> int:
+        """How many characters at the end of ``text`` could begin a stop string."""
+        for n in range(min(len(text), max((len(s) for s in self.stop_strings), default=0)), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stop_strings):
+                return n
+        return 0
+
+    def _show(self, text: str) -> str:
+        if not text.startswith(self.shown) or len(text) <= len(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+    def push(self, token: int) -> str:
+        """Add one generated id; the text that can be shown now (maybe empty)."""
+        if self.tokenizer is None:
+            return ""
+        self.ids.append(token)
+        text = self._decode()
+        if text.endswith("\ufffd"):
+            return ""
+        return self._show(text[: len(text) - self._held_back(text)])
+
+    def close(self, stopped: bool = False) -> str:
+        """The rest of the text; with ``stopped``, the text ends before its first stop string."""
+        text = self._decode() if self.tokenizer is not None else ""
+        if stopped:
+            cuts = [text.find(s) for s in self.stop_strings if s in text]
+            text = text[: min(cuts)] if cuts else text
+        self.text = text
+        if not text.startswith(self.shown):  # pragma: no cover - byte-level decoding is prefix-stable
+            raise RuntimeError("streamed text diverged from the full decode")
+        return self._show(text)
+
+
 class GenerationMixin:
     """``generate_from_batch``, ``stream_tokens`` and ``generate`` for ``MolmoE``."""
 

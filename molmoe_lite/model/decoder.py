@@ -99,6 +99,13 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows [start, stop) of this one, sharing its memory (length 0)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.length = 0
+        return view
+
 
 # ---------------------------------------------------------------------------------------
 # Embedding
