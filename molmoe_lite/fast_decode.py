@@ -1,14 +1,16 @@
 """Decode steps with fixed shapes, replayed from a CUDA graph where that is possible.
 
-After the prefill, every decode step of a batch has the same shapes: one token
-embedding per row, a static KV cache of ``max_len`` slots, a key mask over those slots and the slot
-index as a device tensor (``Transformer.decode_static``); attention reads a prefix of the
-cache whose length is fixed per bucket of positions. On CUDA, with quantised
-experts running the Triton kernels (no host syncs anywhere in the step), the step is
-captured in a CUDA graph (once per bucket) after a warm-up that also compiles the
-kernels, then replayed: one launch instead of hundreds per token. Anywhere else (CPU, dense experts
-whose Python loop syncs with the host, or a capture that fails) the same step runs
-eagerly, with one log line saying why.
+A decode step feeds one token per row of a static KV cache through ``Transformer.run`` (the
+one forward): each row writes its slot (``slots[b]``, its own length: rows may sit at
+different lengths) and reads a prefix of the cache whose length is fixed per bucket of slots;
+its position is its count of real keys (``key_mask``) so far. Every input lives in a static
+buffer, so the step has no host sync. On CUDA, with quantised experts running the Triton
+kernels, the step over the first ``n`` rows is captured in a CUDA graph once per (row bucket,
+slot bucket) after a warm-up that also compiles the kernels, then replayed: one launch instead
+of hundreds per token. Anywhere else (CPU, dense experts whose Python loop syncs with the
+host, or a capture that fails) the same step runs eagerly, with one log line saying why.
+
+``DecodeStep`` is the engine's; ``StaticDecoder`` drives it for rows that advance together.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 
 import torch
 from molmoe_lite.errors import UsageError
+from molmoe_lite.model.decoder import real_positions
 
 log = logging.getLogger("molmoe_lite")
 
@@ -35,87 +38,91 @@ def graph_capturable(model) -> str | None:
     return None
 
 
-class StaticDecoder:
-    """Runs decode steps of ``model`` into ``cache`` after a prefill of ``cache.length`` tokens.
+def bucket(n: int, size: int, cap: int) -> int:
+    """n rounded up to a multiple of ``size``, at most ``cap``."""
+    return min(cap, -(-n // size) * size)
 
-    ``key_mask`` [B, max_len] marks the real prompt keys; each ``step(tokens)`` writes the
-    next slot and returns logits [B, vocab] (a buffer reused by the next step).
 
-    Attention reads only the filled part of the cache: exactly ``length + 1`` slots when
-    eager; with graphs, the next multiple of ``bucket`` slots, one graph per bucket
-    (a 1,200-token prompt + 200 new tokens needs two), so a captured step reads at most
-    ``bucket - 1`` unfilled (masked) slots.
+def row_bucket(n: int, cap: int) -> int:
+    """n rounded up to a power of two, at most ``cap``: the batch sizes a graph is captured for."""
+    return min(cap, 1 << max(0, n - 1).bit_length())
+
+
+class DecodeStep:
+    """One decode step over the first ``n`` rows of ``cache``, on static buffers.
+
+    Before ``run(n, kv_len)``, set ``tokens[:n]`` (or ``embeds[:n]`` when the token table
+    lives elsewhere, ``embed_in_step`` False), ``slots[:n]`` (the slot each row writes) and
+    ``key_mask`` (True = a real key; the step marks each row's slot itself). ``run`` returns
+    logits [n, vocab] (a buffer reused by the next step). With graphs, ``n`` and ``kv_len``
+    should be bucket values: one graph per (n, kv_len, shared slot) is captured.
     """
 
-    def __init__(self, model, cache, key_mask: torch.Tensor, use_graph: bool | None = None, bucket: int = 256):
+    def __init__(self, model, cache, use_graph: bool | None = None, slot_bucket: int = 256):
         self.model = model
         self.cache = cache
-        self.bucket = bucket
-        dev = model.device
-        self.mask = torch.zeros(cache.batch, cache.max_len, dtype=torch.bool, device=dev)
-        self.mask[:, : key_mask.shape[1]] = key_mask
-        self.pos = torch.full((1,), cache.length, dtype=torch.long, device=dev)
-        d = model.config.d_model
-        self.embeds = torch.zeros(cache.batch, 1, d, dtype=model.compute_dtype, device=dev)
+        self.slot_bucket = slot_bucket
+        dev, rows = model.device, cache.batch
+        self.key_mask = torch.zeros(rows, cache.max_len, dtype=torch.bool, device=dev)
+        self.slots = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.embeds = torch.zeros(rows, 1, model.config.d_model, dtype=model.compute_dtype, device=dev)
         # with the token table on the model's device the lookup joins the captured step (its ids
         # come in through a static buffer); a table kept in CPU memory (`small`) stays outside
-        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=dev)
         self.embed_in_step = model.model.transformer.wte.embedding.device == dev
         reason = graph_capturable(model) if use_graph is not False else "disabled"
         self.use_graph = reason is None
         if reason is not None and use_graph is None and dev.type == "cuda":
             log.info("decode runs without a CUDA graph: %s", reason)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # kv_len -> graph, logits
-        self._pool = None  # one memory pool shared by every bucket's graph
-
-    def _run(self, kv_len: int) -> torch.Tensor:
-        """The captured work: mark this slot real, run the step, project to logits."""
-        self.mask.index_fill_(1, self.pos, True)
-        transformer = self.model.model.transformer
-        embeds = transformer.embed(self.tokens, check=False) if self.embed_in_step else self.embeds
-        hidden = transformer.decode_static(embeds, self.mask, self.cache, self.pos, kv_len)
-        return self.model.logits(hidden)[:, -1]  # [B, vocab]
-
-    def _capture(self, kv_len: int) -> None:
-        if not self.graphs:
-            log.info("compiling kernels and capturing the decode step in a CUDA graph (first step only)")
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            # warm-up on the real inputs: writes the same slot the replay will, so it is harmless
-            for _ in range(2):
-                self._run(kv_len)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        # safe to share: each step's logits are consumed before the next replay
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._run(kv_len)
-        self.graphs[kv_len] = (graph, logits)
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None  # one memory pool shared by every graph
 
     @property
     def captured(self) -> bool:
         """Whether any decode step ran from a CUDA graph."""
         return bool(self.graphs)
 
-    def _bucket_len(self) -> int:
-        need = self.cache.length + 1
-        return min(self.cache.max_len, -(-need // self.bucket) * self.bucket)
-
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row ([B] long); logits [B, vocab] for the next one."""
-        if self.cache.length + 1 > self.cache.max_len:
-            raise UsageError(f"KV cache full: {self.cache.length} of {self.cache.max_len} slots used")
+    def set_tokens(self, n: int, tokens: torch.Tensor) -> None:
+        """This step's tokens of the first n rows ([n] long)."""
         if self.embed_in_step:
-            self.tokens.copy_(tokens.view(-1, 1))
+            self.tokens[:n].copy_(tokens.view(-1, 1))
         else:
-            self.embeds.copy_(self.model.model.transformer.embed(tokens.view(-1, 1), check=False))
-        kv_len = self._bucket_len() if self.use_graph else self.cache.length + 1
-        if self.use_graph and kv_len not in self.graphs:
+            self.embeds[:n].copy_(self.model.model.transformer.embed(tokens.view(-1, 1), check=False))
+
+    def _step(self, n: int, kv_len: int, shared_slot: bool) -> torch.Tensor:
+        """The captured work: mark each row's slot real, run the step, project to logits."""
+        transformer = self.model.model.transformer
+        slots, key_mask = self.slots[:n], self.key_mask[:n]
+        key_mask.scatter_(1, slots[:, None], True)
+        embeds = transformer.embed(self.tokens[:n], check=False) if self.embed_in_step else self.embeds[:n]
+        positions = real_positions(key_mask, slots, kv_len)  # [n, 1]
+        hidden = transformer.run(embeds, positions, key_mask[:, :kv_len], self.cache.rows(0, n), slots,
+                                 shared_slot)
+        return self.model.logits(hidden)[:, -1]  # [n, vocab]
+
+    def _capture(self, key: tuple[int, int, bool]) -> None:
+        if not self.graphs:
+            log.info("compiling kernels and capturing the decode step in a CUDA graph (first step only)")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            # warm-up on the real inputs: writes the same slots the replay will, so it is harmless
+            for _ in range(2):
+                self._step(*key)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # safe to share: each step's logits are consumed before the next replay
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._step(*key)
+        self.graphs[key] = (graph, logits)
+
+    def _graph_for(self, key: tuple[int, int, bool]):
+        """The captured graph for ``key``, capturing it first; None when capture is off or failed."""
+        if self.use_graph and key not in self.graphs:
             try:
-                self._capture(kv_len)
+                self._capture(key)
             except torch.cuda.OutOfMemoryError:
                 raise  # not a capture problem: the caller reports what would fit
             except Exception as exc:  # capture is an optimisation: fall back, say so once
@@ -123,12 +130,49 @@ class StaticDecoder:
                 self.use_graph = False
                 self.graphs.clear()
                 torch.cuda.synchronize()
-                kv_len = self.cache.length + 1
-        if self.use_graph:
-            graph, out = self.graphs[kv_len]
-            graph.replay()
-        else:
-            out = self._run(kv_len)
-        self.pos += 1
+        return self.graphs.get(key) if self.use_graph else None
+
+    def kv_len(self, longest: int) -> int:
+        """Slots a step reads when the longest row writes slot ``longest - 1``: exactly that many
+        when eager, the next bucket boundary with graphs (so one graph serves many steps)."""
+        return bucket(longest, self.slot_bucket, self.cache.max_len) if self.use_graph else longest
+
+    @torch.inference_mode()
+    def run(self, n: int, kv_len: int, shared_slot: bool = False) -> torch.Tensor:
+        """The step over the first n rows, reading kv_len slots; logits [n, vocab]."""
+        key = (n, kv_len, shared_slot or n == 1)
+        captured = self._graph_for(key)
+        if captured is None:
+            return self._step(*key)
+        graph, logits = captured
+        graph.replay()
+        return logits
+
+
+class StaticDecoder(DecodeStep):
+    """Decode steps for rows that advance together after a prefill of ``cache.length`` slots.
+
+    ``key_mask`` [B, <= max_len] marks the real prompt keys (padding False); each
+    ``step(tokens)`` writes the next slot of every row and returns logits [B, vocab] (a buffer
+    reused by the next step). Attention reads exactly ``length + 1`` slots when eager; with
+    graphs, the next multiple of ``bucket`` slots, one graph per bucket (a 1,200-token prompt +
+    200 new tokens needs two), so a captured step reads at most ``bucket - 1`` unfilled
+    (masked) slots.
+    """
+
+    def __init__(self, model, cache, key_mask: torch.Tensor, use_graph: bool | None = None, bucket: int = 256):
+        super().__init__(model, cache, use_graph, slot_bucket=bucket)
+        self.key_mask[:, : key_mask.shape[1]] = key_mask
+        self.slots.fill_(cache.length)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B] long); logits [B, vocab] for the next one."""
+        if self.cache.length + 1 > self.cache.max_len:
+            raise UsageError(f"KV cache full: {self.cache.length} of {self.cache.max_len} slots used")
+        n = self.cache.batch
+        self.set_tokens(n, tokens)
+        logits = self.run(n, self.kv_len(self.cache.length + 1), shared_slot=True)
+        self.slots += 1
         self.cache.length += 1
-        return out
+        return logits

@@ -18,13 +18,20 @@ authors' setup did (fp32 weights under bf16 autocast keep the residual stream fp
 keeps fp16 from overflowing (OLMoE's residual stream can exceed 65504), and its cost is a
 few adds per token.
 
-Shape legend: B batch, L new tokens, S keys so far (cache + new), H heads, D head dim,
-d model width, T = B*L tokens, E experts, K top-k, I expert hidden.
+One forward (``Transformer.run``) serves the prefill, the eager decode step and the decode
+step captured in a CUDA graph: each row writes its new keys and values into the static KV
+cache at its own slots (``slots[b]`` onwards), and its queries see the keys at or before
+their own slot that the key mask marks real. Rows may therefore sit at different lengths
+(the engine's running batch); a row at slot p has position p unless padding says otherwise.
+
+Shape legend: B batch, L new tokens, S keys read (a prefix of the cache's slots), H heads,
+D head dim, d model width, T = B*L tokens, E experts, K top-k, I expert hidden.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +55,12 @@ def residual_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
 # KV cache
 # ---------------------------------------------------------------------------------------
 class KVCache:
-    """Preallocated (static) keys and values of every layer; ``length`` tokens are filled.
+    """Preallocated (static) keys and values of every layer: ``batch`` rows of ``max_len`` slots.
 
-    Static buffers keep addresses fixed across decode steps (CUDA-graph friendly). Layers
-    write at ``[length, length + L)`` during a forward; the Transformer advances
-    ``length`` once after all layers ran.
+    Static buffers keep addresses fixed across decode steps (CUDA-graph friendly). A forward
+    writes each row's new keys and values at that row's slots (``write``); ``length`` is
+    the filled length when every row advances together (``Transformer.forward``), which
+    advances it once after all layers ran. The engine tracks each row's length itself.
     """
 
     def __init__(
@@ -78,23 +86,15 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H, L, D] after the filled part; return all keys/values [B, H, S, D]."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def write_at(
-        self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one step's k, v [B, H, 1, D] at slot ``pos`` (a device tensor [1]); return the
-        whole buffers [B, H, max_len, D]. No Python ints from the device: graph-capturable."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
-        return self.k[layer], self.v[layer]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store k, v [B, H, L, D] of row b at slots ``slots[b] .. slots[b] + L - 1`` (slots: a device
+        tensor [B]; no Python ints from the device, so graph-capturable)."""
+        B, _, L, _ = k.shape
+        index = slots[:, None] + torch.arange(L, device=slots.device)  # [B, L]
+        rows = torch.arange(B, device=slots.device)[:, None].expand(B, L)  # [B, L]
+        # advanced indices on dims 0 and 2 around a slice: the value is [B, L, H, D]
+        self.k[layer][rows, :, index] = k.transpose(1, 2)
+        self.v[layer][rows, :, index] = v.transpose(1, 2)
 
     def reset(self) -> None:
         self.length = 0
@@ -147,15 +147,33 @@ class Embedding(nn.Module):
 # ---------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------
-def attention_bias(key_mask: torch.Tensor, past: int, n_new: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive bias [B, 1, L, S]: 0 where query i (absolute position past + i) may see key j
-    (causal and key_mask[b, j]), the dtype's finite minimum elsewhere."""
+def attention_bias(key_mask: torch.Tensor, slots: torch.Tensor | None, n_new: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Additive bias [B, 1, L, S]: 0 where query i of row b (at slot slots[b] + i; slots None: 0 + i)
+    may see key j (j at or before its slot, and key_mask[b, j]), the dtype's finite minimum elsewhere."""
     S = key_mask.shape[1]
-    q_pos = torch.arange(past, past + n_new, device=key_mask.device)  # [L]
-    k_pos = torch.arange(S, device=key_mask.device)  # [S]
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask[:, None, :]  # [B, L, S]
+    first = 0 if slots is None else slots[:, None]  # [B, 1]
+    q_slot = first + torch.arange(n_new, device=key_mask.device)[None]  # [B or 1, L]
+    k_slot = torch.arange(S, device=key_mask.device)  # [S]
+    allowed = (k_slot[None, None, :] <= q_slot[:, :, None]) & key_mask[:, None, :]  # [B, L, S]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]  # [B, 1, L, S]
+
+
+@dataclass
+class StepInputs:
+    """What every layer's attention needs besides its hidden states, made once per forward."""
+
+    cos: torch.Tensor  # [B, L, D] fp32 rotary angles of the new tokens
+    sin: torch.Tensor  # [B, L, D] fp32
+    bias: torch.Tensor  # [B, 1, L, S] compute dtype
+    cache: KVCache | None = None  # None: attend over the new tokens only, store nothing
+    slots: torch.Tensor | None = None  # [B] long: the first slot each row writes
+    one_slot: torch.Tensor | None = None  # [1] long: the slot every row writes, when they share it
+
+    @property
+    def n_keys(self) -> int:
+        return self.bias.shape[-1]
 
 
 class Attention(nn.Module):
@@ -174,39 +192,37 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(KV * D, cfg.layer_norm_eps, norm_dtype)
         self.attn_out = nn.Linear(H * D, d, bias=False, dtype=dtype)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, L, d] residual stream
-        cos: torch.Tensor,  # [B, L, D] fp32
-        sin: torch.Tensor,  # [B, L, D] fp32
-        bias: torch.Tensor,  # [B, 1, L, S] compute dtype
-        cache: KVCache | None = None,
-        cache_pos: torch.Tensor | None = None,  # [1] long: static decode writes this slot
-    ) -> torch.Tensor:  # [B, L, d] compute dtype
-        return self.forward_normed(self.attn_norm(x, self.compute_dtype), cos, sin, bias, cache, cache_pos)
+    def forward(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """x [B, L, d] residual stream -> [B, L, d] compute dtype."""
+        return self.attend(self.attn_norm(x, self.compute_dtype), inputs)
 
-    def forward_normed(self, h, cos, sin, bias, cache: KVCache | None = None, cache_pos=None) -> torch.Tensor:
+    def attend(self, h: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """``forward`` from attn_norm's output h [B, L, d] (compute dtype) on."""
         B, L, _ = h.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.att_proj(h).split([H * D, KV * D, KV * D], dim=-1)  # [B, L, H*D] each
-        q = self.q_norm.rope(q, cos, sin, H, self.compute_dtype)  # [B, H, L, D]
-        layer = self.layer_idx
-        if cache_pos is not None and self.k_norm.rope_to_cache(k, v, cos, sin, cache.k[layer], cache.v[layer],
-                                                               cache_pos):
-            k, v = cache.k[layer], cache.v[layer]  # static decode, fused: k and v written to the slot
+        q = self.q_norm.rope(q, inputs.cos, inputs.sin, H, self.compute_dtype)  # [B, H, L, D]
+        keys, values = self.keys_values(k, v, inputs)  # [B, KV, S, D]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.bias, scale=1.0 / math.sqrt(D))
+        return self.attn_out(o.transpose(1, 2).reshape(B, L, H * D))  # o: [B, H, L, D]
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new k (normed, rotated) and v [B, L, KV*D] stored at their slots; the keys and values
+        the queries read, [B, KV, S, D]: the cache's first S slots, or the new ones without a cache."""
+        B, L, _ = k.shape
+        KV, D = self.n_kv_heads, self.head_dim
+        cache, layer = inputs.cache, self.layer_idx
+        if cache is not None and inputs.one_slot is not None and self.k_norm.rope_to_cache(
+                k, v, inputs.cos, inputs.sin, cache.k[layer], cache.v[layer], inputs.one_slot):
+            pass  # one token per row at a shared slot, fused: normed, rotated and stored in one launch
         else:
-            k = self.k_norm.rope(k, cos, sin, KV, self.compute_dtype)  # [B, KV, L, D]
+            k = self.k_norm.rope(k, inputs.cos, inputs.sin, KV, self.compute_dtype)  # [B, KV, L, D]
             v = v.view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
-            if cache_pos is not None:
-                k, v = cache.write_at(layer, cache_pos, k, v)  # [B, KV, max_len, D]
-            elif cache is not None:
-                k, v = cache.update(layer, k, v)  # [B, KV, S, D]
-        if cache_pos is not None:  # static decode: the first S slots, unfilled ones masked in bias
-            S = bias.shape[-1]
-            k, v = k[:, :, :S], v[:, :, :S]  # [B, KV, S, D]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(D))  # [B, H, L, D]
-        return self.attn_out(o.transpose(1, 2).reshape(B, L, H * D))
+            if cache is None:
+                return k, v
+            cache.write(layer, k, v, inputs.slots)
+        S = inputs.n_keys
+        return cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,9 +292,9 @@ class MoEBlock(nn.Module):
         return self.experts(h, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, d] residual -> [B, L, d] compute dtype
-        return self.forward_normed(self.ff_norm(x, self.compute_dtype))
+        return self.mix(self.ff_norm(x, self.compute_dtype))
 
-    def forward_normed(self, h: torch.Tensor) -> torch.Tensor:
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
         """``forward`` from ff_norm's output h [B, L, d] (compute dtype) on."""
         B, L, d = h.shape
         h = h.reshape(B * L, d)  # [T, d]
@@ -292,12 +308,11 @@ class MoEBlock(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block; the norms live inside attn and mlp (release key layout).
 
-    ``forward(x, ..., pending)`` takes the residual stream x and the previous block's MoE
-    output not yet added to it, and returns (x, this block's MoE output): each residual add is
-    done by the norm that follows it (``RMSNorm.add_forward``: one kernel on a GPU for the
-    add and the norm), the last one by ln_f. The math is x += attn(attn_norm(x));
-    x += mlp(ff_norm(x)), as in the release; adding a compute-dtype update to the fp32
-    residual promotes to fp32.
+    The math is x += attn(attn_norm(x)); x += mlp(ff_norm(x)), as in the release. Each residual
+    add is done by the norm that follows it (``RMSNorm.add_forward``: one kernel on a GPU for
+    the add and the norm), so a block hands its MoE output on unadded: the next block's
+    attn_norm adds it, and after the last block ln_f does. Adding a compute-dtype update to
+    the fp32 residual promotes to fp32.
     """
 
     def __init__(self, cfg: MolmoeConfig, layer_idx: int, dtype: torch.dtype) -> None:
@@ -305,12 +320,16 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx, dtype)
         self.mlp = MoEBlock(cfg, dtype)
 
-    def forward(self, x, cos, sin, bias, cache: KVCache | None = None, cache_pos=None,
-                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, moe_in: torch.Tensor | None,
+                inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream [B, L, d]; moe_in: the previous block's MoE output, not yet added
+        (None for the first block). Returns (the residual stream, this block's MoE output)."""
         cd = self.attn.compute_dtype
-        x, h = self.attn.attn_norm.add_forward(x, pending, cd)
-        x, h = self.mlp.ff_norm.add_forward(x, self.attn.forward_normed(h, cos, sin, bias, cache, cache_pos), cd)
-        return x, self.mlp.forward_normed(h)
+        x, h = self.attn.attn_norm.add_forward(x, moe_in, cd)  # add the previous MoE output, norm
+        attn_out = self.attn.attend(h, inputs)
+        x, h = self.mlp.ff_norm.add_forward(x, attn_out, cd)  # add the attention output, norm
+        moe_out = self.mlp.mix(h)
+        return x, moe_out
 
 
 class Transformer(nn.Module):
@@ -393,22 +412,51 @@ class Transformer(nn.Module):
         key_mask: torch.Tensor,  # [B, S] bool, True = real key, S = cache.length + L
         cache: KVCache | None = None,
     ) -> torch.Tensor:  # [B, L, d] after ln_f, compute dtype
+        """Every row continues the cache at slot ``cache.length`` (then advanced by L)."""
         self._check(inputs_embeds, position_ids, key_mask, cache)
-        L = inputs_embeds.shape[1]
-        past = cache.length if cache is not None else 0
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)  # [B, L, D]
-        bias = attention_bias(key_mask, past, L, self.compute_dtype)  # [B, 1, L, S]
-        x, pending = inputs_embeds.to(self.residual_dtype), None
-        for block in self.blocks:
-            x, pending = block(x, cos, sin, bias, cache, pending=pending)
+        B, L, _ = inputs_embeds.shape
+        slots = None
+        if cache is not None:
+            slots = torch.full((B,), cache.length, dtype=torch.long, device=inputs_embeds.device)
+        hidden = self.run(inputs_embeds, position_ids, key_mask, cache, slots, shared_slot=True)
         if cache is not None:
             cache.length += L
-        return self.ln_f.add_forward(x, pending, self.compute_dtype)[1]
+        return hidden
+
+    def run(
+        self,
+        inputs_embeds: torch.Tensor,  # [B, L, d]
+        position_ids: torch.Tensor,  # [B, L] long, the rotary positions
+        key_mask: torch.Tensor,  # [B, S] bool: True = a real key; S keys are read
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,  # [B] long: row b writes slots[b] .. slots[b] + L - 1
+        shared_slot: bool = False,  # every row writes the same slot (lets a fused write serve them)
+    ) -> torch.Tensor:  # [B, L, d] after ln_f, compute dtype
+        """The one forward: prefill, eager decode step and the captured decode step. No host sync
+        (what a CUDA graph captures); no checks (``forward`` checks its callers' inputs)."""
+        inputs = self.step_inputs(position_ids, key_mask, cache, slots, shared_slot)
+        x, moe_out = inputs_embeds.to(self.residual_dtype), None
+        for block in self.blocks:
+            x, moe_out = block(x, moe_out, inputs)
+        return self.ln_f.add_forward(x, moe_out, self.compute_dtype)[1]
+
+    def step_inputs(self, position_ids: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None,
+                    slots: torch.Tensor | None, shared_slot: bool) -> StepInputs:
+        """Rotary angles (looked up in a per-cache table when there is a cache), the attention
+        bias, and where the keys go."""
+        if cache is None:
+            cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)  # [B, L, D]
+        else:
+            cos_table, sin_table = self._rope_tables(cache.max_len, position_ids.device)
+            cos, sin = cos_table[position_ids], sin_table[position_ids]  # [B, L, D]
+        bias = attention_bias(key_mask, slots, position_ids.shape[1], self.compute_dtype)
+        one_slot = slots[:1] if slots is not None and (shared_slot or slots.shape[0] == 1) else None
+        return StepInputs(cos, sin, bias, cache, slots, one_slot)
 
     def _rope_tables(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n, D] for positions 0..n-1, made once per (n, device): a decode step then looks
-        its angles up (one gather each) instead of computing them (eight small kernels). The
-        same formula on the same integers, so the same values as ``rope_cos_sin``."""
+        """cos, sin [n, D] for positions 0..n-1, made once per (n, device): a step then looks its
+        angles up (one gather each) instead of computing them (eight small kernels). The same
+        formula on the same integers, so the same values as ``rope_cos_sin``."""
         key = (n, device)
         if key not in self._rope_cache:
             positions = torch.arange(n, device=device)[None]
@@ -421,24 +469,21 @@ class Transformer(nn.Module):
         inputs_embeds: torch.Tensor,  # [B, 1, d] this step's token embeddings
         key_mask: torch.Tensor,  # [B, max_len] bool, True = real key, this step's slot included
         cache: KVCache,
-        cache_pos: torch.Tensor,  # [1] long, the slot this token's k/v go to
+        cache_pos: torch.Tensor,  # [1] long, the slot every row's k/v go to
         kv_len: int | None = None,  # attend over the first kv_len slots (> cache_pos); None = all
     ) -> torch.Tensor:  # [B, 1, d] after ln_f, compute dtype
-        """One decode step with every shape fixed and no host sync: what a CUDA graph captures.
+        """One decode step of rows that share their slot, through ``run``; each row's position is
+        its count of real keys so far. Attention reads the first ``kv_len`` slots (unfilled ones
+        are masked out). ``cache.length`` is not advanced; the caller tracks the position."""
+        B = inputs_embeds.shape[0]
+        slots = cache_pos.expand(B)
+        return self.run(inputs_embeds, real_positions(key_mask, slots, kv_len), key_mask[:, :kv_len], cache,
+                        slots, shared_slot=True)
 
-        Attention reads the first ``kv_len`` cache slots (unfilled ones are masked out):
-        the exact filled length when run eagerly, a bucket boundary when captured, so one
-        graph serves a range of positions. ``cache.length`` is not advanced; the caller
-        tracks the position.
-        """
-        cos_table, sin_table = self._rope_tables(key_mask.shape[1], key_mask.device)
-        key_mask = key_mask[:, :kv_len]  # [B, S]
-        position = key_mask.sum(-1) - 1  # [B]: real tokens before this one
-        cos, sin = cos_table[position][:, None], sin_table[position][:, None]  # [B, 1, D]
-        # slots after cache_pos are never set in key_mask, so the key mask alone is causal here
-        bias = torch.zeros(key_mask.shape, dtype=self.compute_dtype, device=key_mask.device)
-        bias = bias.masked_fill_(~key_mask, torch.finfo(self.compute_dtype).min)[:, None, None]  # [B,1,1,S]
-        x, pending = inputs_embeds.to(self.residual_dtype), None
-        for block in self.blocks:
-            x, pending = block(x, cos, sin, bias, cache, cache_pos, pending)
-        return self.ln_f.add_forward(x, pending, self.compute_dtype)[1]
+
+def real_positions(key_mask: torch.Tensor, slots: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+    """[B, 1] rotary position of the token at slot slots[b]: its row's real keys at or before that
+    slot, less one (key_mask [B, >= kv_len] bool). No host sync."""
+    seen = key_mask[:, :kv_len]
+    before = torch.arange(seen.shape[1], device=seen.device)[None] <= slots[:, None]  # [B, S]
+    return ((seen & before).sum(-1, keepdim=True) - 1).clamp(min=0)
