@@ -21,12 +21,13 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from molmoe_lite.errors import MolmoeLiteError, UsageError
+from molmoe_lite.fast_decode import DecodeStep, row_bucket
 from molmoe_lite.generation import (GPUMemoryError, SamplingSettings, TextPieces, check_finite, eos_ids_of,
                                     hits_stop, sample_rows)
 
@@ -64,6 +65,7 @@ class RequestHandle:
         self._cancelled = threading.Event()
         self._completion: Completion | None = None
         self._error: BaseException | None = None
+        self.token_ids: list[int] = []  # the ids generated so far (the engine appends)
 
     def stream(self) -> Iterator[str]:
         """Text pieces as they are decoded (they join to ``result().text``); blocks between pieces."""
@@ -115,7 +117,10 @@ class _Row:
     slot: int = -1  # the KV-cache row it occupies while running
     length: int = 0  # tokens in its cache row
     pending: int = -1  # the last generated token, not yet fed to the model
-    ids: list[int] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.handle.token_ids
 
     @property
     def prompt_tokens(self) -> int:
@@ -155,14 +160,16 @@ def single_prompt(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
 class Engine:
     """Continuous batching over a static KV cache of ``max_batch`` rows of ``max_context`` slots."""
 
-    def __init__(self, model, max_batch: int = 8, max_context: int | None = None, max_queue: int = 64) -> None:
+    def __init__(self, model, max_batch: int = 8, max_context: int | None = None, max_queue: int = 64,
+                 tokenizer: Any = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise UsageError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model
         self.max_batch = max_batch
         self.max_context = int(max_context or model.config.max_sequence_length)
         self.max_queue = max_queue
-        self.tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
+        # decodes text, finds stop strings, knows EOS; default: the model's processor's
+        self.tokenizer = tokenizer or getattr(getattr(model, "processor", None), "tokenizer", None)
         try:
             self.cache = model.new_cache(max_batch, self.max_context)
         except torch.cuda.OutOfMemoryError:
@@ -170,6 +177,9 @@ class Engine:
                 f"the KV cache for max_batch={max_batch} x max_context={self.max_context} does not fit in "
                 "GPU memory; use a smaller max_batch or max_context"
             ) from None
+        self.decoder = DecodeStep(model, self.cache)
+        # a row holds one prompt and its answer, no padding: causality by slot is its whole mask
+        self.decoder.key_mask.fill_(True)
         self.rows: list[_Row | None] = [None] * max_batch
         self._queue: deque[_Row] = deque()
         self._lock = threading.Condition()
@@ -316,16 +326,25 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, rows: list[_Row]) -> None:
-        """One decode step: every row's pending token in; one new token for each."""
-        logits = []
-        for row in rows:
-            view = self.cache.rows(row.slot, row.slot + 1)
-            view.length = row.length
-            mask = torch.ones(1, row.length + 1, dtype=torch.bool, device=self.model.device)
-            token = torch.tensor([[row.pending]], device=self.model.device)
-            logits.append(self.model(token, attention_mask=mask, cache=view, logits_at="last")[:, -1])
-            row.length += 1
-        self._emit(rows, torch.cat(logits))
+        """One decode step over cache rows [0, n): each row in ``rows`` feeds its pending token at
+        its own slot and gets one new token. Other rows in that range ride along harmlessly: a row
+        that joined this step computes its next slot (recomputed, identically, next step), a free
+        row writes its slot 0 (rewritten by its next prefill)."""
+        step = self.decoder
+        occupied = [r for r in self.rows if r is not None]
+        highest = max(r.slot for r in occupied) + 1
+        n = row_bucket(highest, self.max_batch) if step.use_graph else highest
+        tokens = torch.zeros(n, dtype=torch.long)
+        slots = torch.zeros(n, dtype=torch.long)
+        for r in occupied:
+            if r.slot < n:
+                tokens[r.slot], slots[r.slot] = r.pending, r.length
+        step.set_tokens(n, tokens.to(step.tokens.device))
+        step.slots[:n].copy_(slots)
+        logits = step.run(n, step.kv_len(max(r.length for r in occupied) + 1))
+        for r in rows:
+            r.length += 1
+        self._emit(rows, logits[[r.slot for r in rows]])
 
     # ---- tokens out ---------------------------------------------------------------------
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
