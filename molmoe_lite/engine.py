@@ -28,8 +28,11 @@ import torch
 
 from molmoe_lite.errors import MolmoeLiteError, UsageError
 from molmoe_lite.fast_decode import DecodeStep, row_bucket
-from molmoe_lite.generation import (GPUMemoryError, SamplingSettings, TextPieces, check_finite, eos_ids_of,
-                                    hits_stop, sample_rows)
+from molmoe_lite.sampling import SamplingSettings, TextPieces, check_finite, eos_ids_of, hits_stop, sample_rows
+
+
+class GPUMemoryError(MolmoeLiteError, MemoryError):
+    """Generation ran out of GPU memory; the message names what would fit."""
 
 
 class EngineFullError(MolmoeLiteError):
@@ -242,6 +245,10 @@ class Engine:
             self._decode(running)
         return self.running
 
+    def eos_ids(self, settings: SamplingSettings) -> set[int]:
+        """The ids that end a request with these settings."""
+        return eos_ids_of(settings, self.tokenizer)
+
     @property
     def running(self) -> int:
         return sum(r is not None for r in self.rows)
@@ -257,7 +264,7 @@ class Engine:
         generator = None if settings.seed is None else torch.Generator(device=device).manual_seed(settings.seed)
         return _Row(
             handle=RequestHandle(prompt["input_ids"].numel()), inputs=prompt, settings=settings,
-            eos_ids=eos_ids_of(settings, self.tokenizer),
+            eos_ids=self.eos_ids(settings),
             text=TextPieces(self.tokenizer, settings.stop_strings), generator=generator,
         )
 
@@ -317,8 +324,9 @@ class Engine:
             )[:, -1]
         except torch.cuda.OutOfMemoryError:
             raise GPUMemoryError(
-                f"out of GPU memory for the prefill of a {row.prompt_tokens}-token prompt; try a smaller "
-                "image or prompt, or an engine with a smaller max_batch or max_context"
+                f"out of GPU memory for the prefill of a {row.prompt_tokens}-token prompt. Try the `small` "
+                "preset (load(..., preset='small'), `--preset small`), a smaller image or prompt, or a "
+                "smaller max_batch or --max-context"
             ) from None
         check_finite(logits, self.model.compute_dtype)
         row.length = row.prompt_tokens
@@ -341,7 +349,13 @@ class Engine:
                 tokens[r.slot], slots[r.slot] = r.pending, r.length
         step.set_tokens(n, tokens.to(step.tokens.device))
         step.slots[:n].copy_(slots)
-        logits = step.run(n, step.kv_len(max(r.length for r in occupied) + 1))
+        try:
+            logits = step.run(n, step.kv_len(max(r.length for r in occupied) + 1))
+        except torch.cuda.OutOfMemoryError:
+            raise GPUMemoryError(
+                f"out of GPU memory for a decode step of {n} rows. Try the `small` preset, or a smaller "
+                "max_batch or --max-context"
+            ) from None
         for r in rows:
             r.length += 1
         self._emit(rows, logits[[r.slot for r in rows]])

@@ -1,20 +1,19 @@
 """Text generation for MolmoE: the release's ``generate_from_batch`` and a simple ``generate``.
 
-Method: a batch (pads are -1, right-padded as the processor's ``collate`` makes it)
-is first moved to left padding, row by row (image indices shifted with their
-tokens), so every row's last prompt token sits in the last column; positions come
-from the attention mask, so each row computes what it would alone. One prefill
-fills a static KV cache sized to prompt + new tokens and yields logits at the last
-position only; each decode step then feeds one token per row through
-``fast_decode.StaticDecoder`` (fixed shapes; a CUDA graph where possible). Greedy by default;
-temperature and nucleus (top-p) sampling on request. A row stops at EOS or at a stop
-string; finished rows are filled with the pad id. Streaming decodes the new ids
-incrementally and holds back text that ends in an incomplete UTF-8 character, so the
+Method: every call runs an ``Engine`` sized to it (one row per prompt, a KV cache of the
+longest prompt + new tokens, or ``max_context``): each prompt of the batch (pads are -1, as
+the processor's ``collate`` makes it) is prefilled alone into its own cache row, so each row
+computes what it would alone, and the rows then decode together, one token per row per
+step (``fast_decode``: fixed shapes, a CUDA graph where possible). Greedy by default;
+temperature and nucleus (top-p) sampling on request (``molmoe_lite.sampling``). A row stops
+at EOS or at a stop string; finished rows are filled with the pad id. Streaming decodes the
+new ids incrementally and holds back text that ends in an incomplete UTF-8 character, so the
 pieces always join to exactly the full decode.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,20 +21,9 @@ from typing import Any
 
 import torch
 
-from molmoe_lite.fast_decode import StaticDecoder
-from molmoe_lite.errors import MolmoeLiteError, UsageError
-
-
-class GPUMemoryError(MolmoeLiteError, MemoryError):
-    """Generation ran out of GPU memory; the message names what would fit."""
-
-
-def _out_of_memory(length: int, settings: "SamplingSettings", batch: int) -> GPUMemoryError:
-    return GPUMemoryError(
-        f"out of GPU memory for a {length}-token prompt with {settings.max_new_tokens} new tokens "
-        f"(batch {batch}). Try the `small` preset (load(..., preset='small'), `--preset small`), "
-        "fewer new tokens or a smaller image, or a smaller --max-context"
-    )
+from molmoe_lite.engine import Engine, GPUMemoryError, RequestHandle
+from molmoe_lite.errors import UsageError
+from molmoe_lite.sampling import SamplingSettings, TextPieces, _sample, hits_stop  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -54,54 +42,6 @@ class GenerationStats:
         steps = self.new_tokens - 1
         span = self.total_s - self.ttft_s
         return steps / span if steps > 0 and span > 0 else 0.0
-
-
-@dataclass
-class SamplingSettings:
-    """What one generation call does, merged from a GenerationConfig and keyword arguments."""
-
-    max_new_tokens: int = 200
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    stop_strings: tuple[str, ...] = ()
-    eos_token_id: int | tuple[int, ...] | None = None
-    pad_token_id: int | None = None
-    seed: int | None = None
-    max_context: int | None = None  # KV-cache slots; None = prompt + max_new_tokens
-
-    @classmethod
-    def merge(cls, generation_config: Any = None, **overrides: Any) -> "SamplingSettings":
-        s = cls()
-        if generation_config is not None:
-            get = (lambda k: generation_config.get(k)) if isinstance(generation_config, dict) else (
-                lambda k: getattr(generation_config, k, None)
-            )
-            if get("max_new_tokens") is not None:
-                s.max_new_tokens = int(get("max_new_tokens"))
-            if get("do_sample"):
-                s.temperature = float(get("temperature") or 1.0)
-                s.top_p = float(get("top_p") or 1.0)
-            stops = get("stop_strings")
-            if stops:
-                s.stop_strings = (stops,) if isinstance(stops, str) else tuple(stops)
-            eos = get("eos_token_id")
-            if eos is not None:
-                s.eos_token_id = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else int(eos)
-            if get("pad_token_id") is not None:
-                s.pad_token_id = int(get("pad_token_id"))
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            if key == "stop_strings":
-                value = (value,) if isinstance(value, str) else tuple(value)
-            setattr(s, key, value)
-        if s.max_new_tokens < 0:
-            raise UsageError(f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
-        if s.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {s.temperature}")
-        if not 0 < s.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {s.top_p}")
-        return s
 
 
 def to_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,114 +70,43 @@ def to_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sample(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | None) -> torch.Tensor:
-    """One token per row from logits [B, V]."""
-    if s.temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-    if s.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-        drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+def split_batch(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The rows of a (collated, -1 padded) batch as separate prompts; unbatched input is one row."""
+    if batch["input_ids"].dim() == 1:
+        return [batch]
+    return [{k: v[b] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            for b in range(batch["input_ids"].shape[0])]
 
 
-def sample_rows(logits: torch.Tensor, settings: list[SamplingSettings],
-                generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row from logits [n, V], each row with its own settings and generator, so a
-    seeded row draws the same tokens whatever else is in the batch. One host sync."""
-    tokens = logits.argmax(-1)
-    for i, (s, gen) in enumerate(zip(settings, generators)):
-        if s.temperature > 0:
-            tokens[i] = _sample(logits[i : i + 1], s, gen)[0]
-    return tokens.tolist()
-
-
-def eos_ids_of(settings: SamplingSettings, tokenizer: Any) -> set[int]:
-    """The ids that end a row: the settings' EOS id(s), else the tokenizer's."""
-    eos = settings.eos_token_id
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    return set() if eos is None else set(eos) if isinstance(eos, tuple) else {eos}
-
-
-def hits_stop(ids: list[int], stops: tuple[str, ...], tok: Any) -> bool:
-    """Whether the text of ``ids`` ends with (contains, near its end) one of the stop strings."""
-    if not stops:
-        return False
-    # byte-level BPE: a stop string of n UTF-8 bytes spans at most n tokens, plus one that
-    # may carry bytes before it
-    longest = max(len(s.encode("utf-8")) for s in stops)
-    tail = tok.decode(ids[-(longest + 1) :], skip_special_tokens=False)
-    return any(s in tail for s in stops)
-
-
-def check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
-    """float16 can overflow on a prompt; say so rather than sample from NaNs."""
-    if dtype == torch.float16 and not bool(torch.isfinite(logits).all()):
-        raise FloatingPointError(
-            "float16 overflowed (non-finite logits after the prompt); load with dtype='bfloat16' "
-            "if the GPU has it, else dtype='float32'"
-        )
-
-
-class TextPieces:
-    """Generated ids in, text pieces out: the pieces always join to the text so far.
-
-    Text that ends in an incomplete UTF-8 character is held back until its last byte
-    arrives, and so is an ending that could be the start of a stop string; ``close``
-    releases the rest, cut before the first stop string when the row ended on one.
-    """
-
-    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop_strings = stop_strings
-        self.ids: list[int] = []
-        self.shown = ""
-        self.text = ""
-
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _held_back(self, text: str) -> int:
-        """How many characters at the end of ``text`` could begin a stop string."""
-        for n in range(min(len(text), max((len(s) for s in self.stop_strings), default=0)), 0, -1):
-            if any(s.startswith(text[-n:]) for s in self.stop_strings):
-                return n
-        return 0
-
-    def _show(self, text: str) -> str:
-        if not text.startswith(self.shown) or len(text) <= len(self.shown):
-            return ""
-        piece, self.shown = text[len(self.shown) :], text
-        return piece
-
-    def push(self, token: int) -> str:
-        """Add one generated id; the text that can be shown now (maybe empty)."""
-        if self.tokenizer is None:
-            return ""
-        self.ids.append(token)
-        text = self._decode()
-        if text.endswith("\ufffd"):
-            return ""
-        return self._show(text[: len(text) - self._held_back(text)])
-
-    def close(self, stopped: bool = False) -> str:
-        """The rest of the text; with ``stopped``, the text ends before its first stop string."""
-        text = self._decode() if self.tokenizer is not None else ""
-        if stopped:
-            cuts = [text.find(s) for s in self.stop_strings if s in text]
-            text = text[: min(cuts)] if cuts else text
-        self.text = text
-        if not text.startswith(self.shown):  # pragma: no cover - byte-level decoding is prefix-stable
-            raise RuntimeError("streamed text diverged from the full decode")
-        return self._show(text)
+def pad_id_of(settings: SamplingSettings, tok: Any, eos_ids: set[int]) -> int:
+    """What finished rows yield: the settings' pad id, else the tokenizer's, else an EOS id, else 0."""
+    if settings.pad_token_id is not None:
+        return settings.pad_token_id
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    if pad is not None:
+        return pad
+    return min(eos_ids) if eos_ids else 0
 
 
 class GenerationMixin:
     """``generate_from_batch``, ``stream_tokens`` and ``generate`` for ``MolmoE``."""
+
+    def _context_for(self, longest: int, settings: SamplingSettings) -> int:
+        """The KV slots a call needs (``settings.max_context`` when set), or a clear error."""
+        max_ctx = self.config.max_sequence_length
+        needed = longest + settings.max_new_tokens
+        if needed > max_ctx:
+            raise UsageError(
+                f"the prompt is {longest} tokens and max_new_tokens is {settings.max_new_tokens}: "
+                f"together more than the model's context of {max_ctx} tokens "
+                "(use a shorter prompt, a smaller image, or fewer new tokens)"
+            )
+        if settings.max_context is not None and needed > settings.max_context:
+            raise UsageError(
+                f"the prompt is {longest} tokens and max_new_tokens is {settings.max_new_tokens}: "
+                f"{needed} tokens do not fit max_context={settings.max_context}"
+            )
+        return settings.max_context or needed
 
     @torch.inference_mode()
     def stream_tokens(
@@ -247,96 +116,40 @@ class GenerationMixin:
 
         Rows that already stopped yield the pad id.
         """
-        batch = to_left_padding(batch)
-        ids = batch["input_ids"].to(self.device)
-        bsz, length = ids.shape
-        max_ctx = self.config.max_sequence_length
-        if length + settings.max_new_tokens > max_ctx:
-            raise UsageError(
-                f"the prompt is {length} tokens and max_new_tokens is {settings.max_new_tokens}: "
-                f"together more than the model's context of {max_ctx} tokens "
-                "(use a shorter prompt, a smaller image, or fewer new tokens)"
-            )
-        needed = length + settings.max_new_tokens
-        if settings.max_context is not None and needed > settings.max_context:
-            raise UsageError(
-                f"the prompt is {length} tokens and max_new_tokens is {settings.max_new_tokens}: "
-                f"{needed} tokens do not fit max_context={settings.max_context}"
-            )
+        prompts = split_batch(batch)
+        longest = max(int((p["input_ids"] != -1).sum()) for p in prompts)
+        context = self._context_for(longest, settings)
         if settings.max_new_tokens == 0:
             return
         tok = tokenizer or getattr(self.processor, "tokenizer", None)
-        eos = settings.eos_token_id
-        if eos is None and tok is not None:
-            eos = tok.eos_token_id
-        eos_ids = set() if eos is None else set(eos) if isinstance(eos, tuple) else {eos}
-        pad = settings.pad_token_id
-        if pad is None:
-            pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        if pad is None:
-            pad = min(eos_ids) if eos_ids else 0
         if settings.stop_strings and tok is None:
             raise UsageError("stop_strings need a tokenizer (pass tokenizer=...)")
-        gen = torch.Generator(device=self.device).manual_seed(settings.seed) if settings.seed is not None else None
-
-        mask = ids != -1
-        start = time.perf_counter()
-        stats = GenerationStats(prompt_tokens=length, batch=bsz)
+        engine = Engine(self, max_batch=len(prompts), max_context=context, max_queue=len(prompts), tokenizer=tok)
+        handles = [engine.submit(p, settings) for p in prompts]
+        stats = GenerationStats(prompt_tokens=longest, batch=len(prompts))
         self.last_stats = stats
-        try:
-            cache = self.new_cache(bsz, settings.max_context or needed)
-            logits = self(
-                ids,
-                images=batch.get("images"),
-                image_input_idx=batch.get("image_input_idx"),
-                image_masks=batch.get("image_masks"),
-                attention_mask=mask,
-                cache=cache,
-                logits_at="last",
-            )[:, -1]
-        except torch.cuda.OutOfMemoryError:
-            raise _out_of_memory(length, settings, bsz) from None  # frees the cache with this frame
-        if self.compute_dtype == torch.float16 and not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError(
-                "float16 overflowed (non-finite logits after the prompt); load with dtype='bfloat16' "
-                "if the GPU has it, else dtype='float32'"
-            )
-        decoder = StaticDecoder(self, cache, mask)
-        finished = [False] * bsz
-        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)  # finished, on the device
-        new_ids: list[list[int]] = [[] for _ in range(bsz)]
-        for step in range(settings.max_new_tokens):
-            nxt = _sample(logits, settings, gen)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            host = nxt.tolist()  # waits for the device: this token exists now
+        pad = pad_id_of(settings, tok, engine.eos_ids(settings))
+        yield from self._lockstep(engine, handles, pad, stats)
+
+    def _lockstep(self, engine: Engine, handles: list[RequestHandle], pad: int,
+                  stats: GenerationStats) -> Iterator[torch.Tensor]:
+        """One engine step per yield: every row's token of that step, the pad id for rows done."""
+        start = time.perf_counter()
+        for step in itertools.count():
+            running = engine.step()
+            for handle in handles:
+                if handle.done:
+                    handle.result()  # raises what stopped the row, if anything did
+            tokens = [h.token_ids[step] if len(h.token_ids) > step else pad for h in handles]
             now = time.perf_counter() - start
             if step == 0:
                 stats.ttft_s = now
             stats.new_tokens, stats.total_s = step + 1, now
-            yield nxt
-            for b, t in enumerate(host):
-                if finished[b]:
-                    continue
-                new_ids[b].append(t)
-                if t in eos_ids or self._hits_stop(new_ids[b], settings.stop_strings, tok):
-                    finished[b] = True
-                    done = torch.tensor(finished, device=self.device)
-            if all(finished) or step + 1 == settings.max_new_tokens:
+            yield torch.tensor(tokens, device=self.device)
+            if running == 0:
                 return
-            try:
-                logits = decoder.step(nxt)
-            except torch.cuda.OutOfMemoryError:
-                raise _out_of_memory(length, settings, bsz) from None
 
-    @staticmethod
-    def _hits_stop(ids: list[int], stops: tuple[str, ...], tok: Any) -> bool:
-        if not stops:
-            return False
-        # byte-level BPE: a stop string of n UTF-8 bytes spans at most n tokens, plus one that
-        # may carry bytes before it
-        longest = max(len(s.encode("utf-8")) for s in stops)
-        tail = tok.decode(ids[-(longest + 1) :], skip_special_tokens=False)
-        return any(s in tail for s in stops)
+    _hits_stop = staticmethod(hits_stop)
 
     @torch.inference_mode()
     def generate_from_batch(
@@ -404,28 +217,12 @@ class GenerationMixin:
 
     def _stream_text(self, inputs: dict[str, torch.Tensor], settings: SamplingSettings) -> Iterator[str]:
         tok = self.processor.tokenizer
-        eos = tok.eos_token_id
-        ids: list[int] = []
-        shown = ""
-
-        def decode(x: list[int]) -> str:
-            return tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
+        text = TextPieces(tok)
         for nxt in self.stream_tokens(inputs, settings, tok):
-            t = int(nxt[0])
-            if t == eos:
+            token = int(nxt[0])
+            if token == tok.eos_token_id:
                 break
-            ids.append(t)
-            text = decode(ids)
-            # hold back a trailing partial UTF-8 character until its last byte arrives
-            if text.endswith("\ufffd") or not text.startswith(shown):
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
-        text = decode(ids)
-        if text.startswith(shown) and len(text) > len(shown):
-            yield text[len(shown) :]
-        elif not text.startswith(shown):  # pragma: no cover - byte-level decoding is prefix-stable
-            raise RuntimeError("streamed text diverged from the full decode")
-
+            if piece := text.push(token):
+                yield piece
+        if rest := text.close():
+            yield rest

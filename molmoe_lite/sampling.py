@@ -1,0 +1,172 @@
+"""What a request does with the model's logits: its settings, sampling, stop strings, text.
+
+``SamplingSettings`` gathers one request's choices (from a GenerationConfig and keyword
+arguments). ``sample_rows`` picks one token per row, greedy or by temperature and nucleus
+(top-p) sampling, each row with its own random generator so that a seeded request draws the
+same tokens whatever else is decoded beside it. ``TextPieces`` turns ids into streamed text:
+a piece never ends inside a UTF-8 character or inside what may become a stop string, and
+the pieces join to exactly the full decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from molmoe_lite.errors import UsageError
+
+
+@dataclass
+class SamplingSettings:
+    """What one generation call does, merged from a GenerationConfig and keyword arguments."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    seed: int | None = None
+    max_context: int | None = None  # KV-cache slots; None = prompt + max_new_tokens
+
+    @classmethod
+    def merge(cls, generation_config: Any = None, **overrides: Any) -> "SamplingSettings":
+        s = cls()
+        if generation_config is not None:
+            get = (lambda k: generation_config.get(k)) if isinstance(generation_config, dict) else (
+                lambda k: getattr(generation_config, k, None)
+            )
+            if get("max_new_tokens") is not None:
+                s.max_new_tokens = int(get("max_new_tokens"))
+            if get("do_sample"):
+                s.temperature = float(get("temperature") or 1.0)
+                s.top_p = float(get("top_p") or 1.0)
+            stops = get("stop_strings")
+            if stops:
+                s.stop_strings = (stops,) if isinstance(stops, str) else tuple(stops)
+            eos = get("eos_token_id")
+            if eos is not None:
+                s.eos_token_id = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else int(eos)
+            if get("pad_token_id") is not None:
+                s.pad_token_id = int(get("pad_token_id"))
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key == "stop_strings":
+                value = (value,) if isinstance(value, str) else tuple(value)
+            setattr(s, key, value)
+        if s.max_new_tokens < 0:
+            raise UsageError(f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
+        if s.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {s.temperature}")
+        if not 0 < s.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {s.top_p}")
+        return s
+
+
+def _sample(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator | None) -> torch.Tensor:
+    """One token per row from logits [B, V]."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, settings: list[SamplingSettings],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row from logits [n, V], each row with its own settings and generator, so a
+    seeded row draws the same tokens whatever else is in the batch. One host sync."""
+    tokens = logits.argmax(-1)
+    for i, (s, gen) in enumerate(zip(settings, generators)):
+        if s.temperature > 0:
+            tokens[i] = _sample(logits[i : i + 1], s, gen)[0]
+    return tokens.tolist()
+
+
+def eos_ids_of(settings: SamplingSettings, tokenizer: Any) -> set[int]:
+    """The ids that end a row: the settings' EOS id(s), else the tokenizer's."""
+    eos = settings.eos_token_id
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return set() if eos is None else set(eos) if isinstance(eos, tuple) else {eos}
+
+
+def hits_stop(ids: list[int], stops: tuple[str, ...], tok: Any) -> bool:
+    """Whether the text of ``ids`` ends with (contains, near its end) one of the stop strings."""
+    if not stops:
+        return False
+    # byte-level BPE: a stop string of n UTF-8 bytes spans at most n tokens, plus one that
+    # may carry bytes before it
+    longest = max(len(s.encode("utf-8")) for s in stops)
+    tail = tok.decode(ids[-(longest + 1) :], skip_special_tokens=False)
+    return any(s in tail for s in stops)
+
+
+def check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
+    """float16 can overflow on a prompt; say so rather than sample from NaNs."""
+    if dtype == torch.float16 and not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(
+            "float16 overflowed (non-finite logits after the prompt); load with dtype='bfloat16' "
+            "if the GPU has it, else dtype='float32'"
+        )
+
+
+class TextPieces:
+    """Generated ids in, text pieces out: the pieces always join to the text so far.
+
+    Text that ends in an incomplete UTF-8 character is held back until its last byte
+    arrives, and so is an ending that could be the start of a stop string; ``close``
+    releases the rest, cut before the first stop string when the row ended on one.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.ids: list[int] = []
+        self.shown = ""
+        self.text = ""
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _held_back(self, text: str) -> int:
+        """How many characters at the end of ``text`` could begin a stop string."""
+        for n in range(min(len(text), max((len(s) for s in self.stop_strings), default=0)), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stop_strings):
+                return n
+        return 0
+
+    def _show(self, text: str) -> str:
+        if not text.startswith(self.shown) or len(text) <= len(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+    def push(self, token: int) -> str:
+        """Add one generated id; the text that can be shown now (maybe empty)."""
+        if self.tokenizer is None:
+            return ""
+        self.ids.append(token)
+        text = self._decode()
+        if text.endswith("\ufffd"):
+            return ""
+        return self._show(text[: len(text) - self._held_back(text)])
+
+    def close(self, stopped: bool = False) -> str:
+        """The rest of the text; with ``stopped``, the text ends before its first stop string."""
+        text = self._decode() if self.tokenizer is not None else ""
+        if stopped:
+            cuts = [text.find(s) for s in self.stop_strings if s in text]
+            text = text[: min(cuts)] if cuts else text
+        self.text = text
+        if not text.startswith(self.shown):  # pragma: no cover - byte-level decoding is prefix-stable
+            raise RuntimeError("streamed text diverged from the full decode")
+        return self._show(text)
