@@ -459,3 +459,64 @@ def test_bad_inputs_give_clear_errors(tiny):
     assert cache.length == 3, "a rejected call must not advance the cache"
     with pytest.raises(DecoderInputError, match="batch"):
         model(x.expand(2, -1, -1), pos.expand(2, -1), mask.expand(2, -1), model.new_cache(1, max_len=8))
+
+
+# ---------------------------------------------------------------------------------------
+# the one forward: per-row slots in a static cache (what the engine's running batch does)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "slots,L", [([3], 1), ([0, 5, 2], 1), ([1, 4], 3), ([6, 6], 2)],
+    ids=["one_row", "rows_at_different_slots", "several_tokens_per_row", "shared_slot"],
+)
+def test_cache_write_stores_each_rows_slots_and_nothing_else(slots, L):
+    B, H, S, D = len(slots), 2, 10, 4
+    cache = KVCache(n_layers=2, batch=B, n_heads=H, max_len=S, head_dim=D, dtype=torch.float32)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    gen = torch.Generator().manual_seed(1)
+    k, v = torch.randn(B, H, L, D, generator=gen), torch.randn(B, H, L, D, generator=gen)
+    cache.write(1, k, v, torch.tensor(slots))
+    for b, first in enumerate(slots):
+        assert torch.equal(cache.k[1, b, :, first : first + L], k[b])
+        assert torch.equal(cache.v[1, b, :, first : first + L], v[b])
+    written = torch.zeros(B, S, dtype=torch.bool)
+    for b, first in enumerate(slots):
+        written[b, first : first + L] = True
+    assert cache.k[1].isnan().permute(0, 2, 1, 3).all(-1).all(-1).eq(~written).all()
+    assert cache.k[0].isnan().all() and cache.v[0].isnan().all(), "another layer was written"
+
+
+@pytest.mark.parametrize(
+    "lengths", [[7], [7, 3, 5], [4, 4]], ids=["one_row", "rows_at_different_lengths", "rows_at_one_length"]
+)
+def test_rows_at_different_lengths_decode_together_as_each_alone(tiny, lengths):
+    """Each row prefilled alone into its cache row (over stale garbage from an earlier, longer
+    occupant), then three decode steps of all rows together through ``run``, each row at its
+    own slot and position: every row's outputs equal its own full recomputation."""
+    cfg, _, model, _ = tiny
+    B, steps, max_len = len(lengths), 3, 16
+    seqs = [random_ids(cfg, (1, n + steps), seed=40 + n + b)[0] for b, n in enumerate(lengths)]
+    cache = model.new_cache(B, max_len=max_len)
+    gen = torch.Generator().manual_seed(3)
+    cache.k.copy_(100 * torch.randn(cache.k.shape, generator=gen))  # stale keys must stay unseen
+    cache.v.copy_(100 * torch.randn(cache.v.shape, generator=gen))
+    with torch.no_grad():
+        prefill = []
+        for b, (seq, n) in enumerate(zip(seqs, lengths)):
+            row = cache.rows(b, b + 1)
+            ones = torch.ones(1, n, dtype=torch.bool)
+            prefill.append(model(model.embed(seq[None, :n]), positions(ones), ones, row)[0])
+        slots = torch.tensor(lengths)
+        decoded = []
+        for s in range(steps):
+            kv_len = int(slots.max()) + 1
+            tokens = torch.stack([seq[n + s] for seq, n in zip(seqs, lengths)])[:, None]  # [B, 1]
+            key_mask = torch.ones(B, kv_len, dtype=torch.bool)
+            decoded.append(model.run(model.embed(tokens), slots[:, None], key_mask, cache, slots,
+                                     shared_slot=len(set(lengths)) == 1))
+            slots = slots + 1
+    decoded = torch.cat(decoded, dim=1)  # [B, steps, d]
+    for b, (seq, n) in enumerate(zip(seqs, lengths)):
+        single = full_forward(model, seq[None])[0]
+        assert rel_err(prefill[b], single[:n]) <= FP32_SELF_TOL, f"row {b} prefill"
+        assert rel_err(decoded[b], single[n:]) <= FP32_SELF_TOL, f"row {b} decode"
