@@ -345,8 +345,7 @@ class Engine:
         tokens = torch.zeros(n, dtype=torch.long)
         slots = torch.zeros(n, dtype=torch.long)
         for r in occupied:
-            if r.slot < n:
-                tokens[r.slot], slots[r.slot] = r.pending, r.length
+            tokens[r.slot], slots[r.slot] = r.pending, r.length
         step.set_tokens(n, tokens.to(step.tokens.device))
         step.slots[:n].copy_(slots)
         try:
