@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from molmoe_lite.engine import Engine, GPUMemoryError, RequestHandle
+from molmoe_lite.engine import Engine, GPUMemoryError, RequestHandle  # noqa: F401 (GPUMemoryError re-exported)
 from molmoe_lite.errors import UsageError
 from molmoe_lite.sampling import SamplingSettings, TextPieces, _sample, hits_stop  # noqa: F401 (re-exported)
 
