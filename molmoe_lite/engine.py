@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from molmoe_lite.errors import MolmoeLiteError, UsageError
-from molmoe_lite.fast_decode import DecodeStep, row_bucket
+from molmoe_lite.fast_decode import DecodeStep
 from molmoe_lite.sampling import SamplingSettings, TextPieces, check_finite, eos_ids_of, hits_stop, sample_rows
 
 
@@ -340,8 +340,7 @@ class Engine:
         row writes its slot 0 (rewritten by its next prefill)."""
         step = self.decoder
         occupied = [r for r in self.rows if r is not None]
-        highest = max(r.slot for r in occupied) + 1
-        n = row_bucket(highest, self.max_batch) if step.use_graph else highest
+        n = step.n_rows(max(r.slot for r in occupied) + 1)
         tokens = torch.zeros(n, dtype=torch.long)
         slots = torch.zeros(n, dtype=torch.long)
         for r in occupied:

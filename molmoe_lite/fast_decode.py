@@ -74,6 +74,8 @@ class DecodeStep:
         self.use_graph = reason is None
         if reason is not None and use_graph is None and dev.type == "cuda":
             log.info("decode runs without a CUDA graph: %s", reason)
+        # shapes from buckets (what graphs need); an eager step may use them too, to compare
+        self.bucketed = self.use_graph
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # one memory pool shared by every graph
 
@@ -135,7 +137,12 @@ class DecodeStep:
     def kv_len(self, longest: int) -> int:
         """Slots a step reads when the longest row writes slot ``longest - 1``: exactly that many
         when eager, the next bucket boundary with graphs (so one graph serves many steps)."""
-        return bucket(longest, self.slot_bucket, self.cache.max_len) if self.use_graph else longest
+        return bucket(longest, self.slot_bucket, self.cache.max_len) if self.bucketed else longest
+
+    def n_rows(self, highest: int) -> int:
+        """Rows a step runs when the highest busy row is ``highest - 1``: exactly that many when
+        eager, the next power of two with graphs (one graph per batch-size bucket)."""
+        return row_bucket(highest, self.cache.batch) if self.bucketed else highest
 
     @torch.inference_mode()
     def run(self, n: int, kv_len: int, shared_slot: bool = False) -> torch.Tensor:

@@ -246,9 +246,11 @@ def test_cuda_graph_decode_step_with_rows_at_different_slots_equals_eager(tiny_r
     rel = float((logits[True] - logits[False]).norm() / logits[False].norm())
     assert rel <= 1e-3, rel
 
+    # the whole engine, captured against eager steps of the very same shapes (row and slot buckets)
     answers = {}
     for use_graph in (False, True):
         engine = Engine(model, max_batch=4, max_context=1024)
+        assert engine.decoder.bucketed
         engine.decoder.use_graph = use_graph
         handles = [engine.submit(p, SamplingSettings(max_new_tokens=12, eos_token_id=-5)) for p in prompts[:2]]
         engine.step()
@@ -257,6 +259,4 @@ def test_cuda_graph_decode_step_with_rows_at_different_slots_equals_eager(tiny_r
         run_to_end(engine)
         assert engine.decoder.captured == use_graph
         answers[use_graph] = [h.result().token_ids for h in handles]
-    same = sum(a == b for ga, gb in zip(answers[True], answers[False]) for a, b in zip(ga, gb))
-    assert [a[0] for a in answers[True]] == [a[0] for a in answers[False]]  # prefills: the same path
-    assert same >= 0.8 * 36, (answers[True], answers[False])
+    assert answers[True] == answers[False]
