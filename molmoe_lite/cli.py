@@ -3,7 +3,7 @@
 Subcommands: ``run`` (answer a prompt about images, streaming), ``quantize``
 (release checkpoint -> compact int4/int8 checkpoint), ``inspect`` (what a checkpoint
 holds and the GPU memory it needs), ``compare`` (float vs quantised logits on a
-user's image), ``demo`` (the offline tiny-model demo). Errors we can explain (bad paths, bad images, bad
+user's image), ``batch`` (a folder or JSONL/CSV of images into a resumable JSONL), ``demo`` (the offline tiny-model demo). Errors we can explain (bad paths, bad images, bad
 checkpoints, bad configs: every ``MolmoeLiteError``, and OS errors on the user's files) print one
 line naming the problem and exit with status 2 (``--debug`` shows the traceback instead); anything
 else is a bug, shown with its traceback and a request to report it (status 1).
@@ -26,6 +26,7 @@ EPILOG = """examples:
   molmoe-lite run ./molmoe-int4 --image cat.jpg "Describe this image." --stats
   molmoe-lite run ./MolmoE-1B-0924 --image cat.jpg "Describe this image."
   molmoe-lite run allenai/MolmoE-1B-0924 --image cat.jpg "Point to the cat."
+  molmoe-lite batch ./molmoe-int4 ./photos --out captions.jsonl --batch-size 8
 """
 
 
@@ -118,6 +119,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(cmp_)
     cmp_.add_argument("--json", action="store_true", help="print the full result as JSON")
     cmp_.set_defaults(func=cmd_compare)
+
+    bat = sub.add_parser(
+        "batch",
+        help="answer every image of a folder or a JSONL/CSV file into a JSONL file (resumable)",
+        description="Answer every image in INPUT (a folder, searched recursively, or a .jsonl/.csv file of rows with "
+        "id, image relative to the file and an optional prompt) into OUT: one JSON line per input (id, image, prompt, "
+        "answer, points, new_tokens, seconds, error). Lines are written after each batch; running again with the same "
+        "--out skips the ids already there. Bad images become lines with their error.",
+    )
+    bat.add_argument("model", metavar="MODEL", help="checkpoint folder, or a hub id")
+    bat.add_argument("input", metavar="INPUT", help="folder of images, or a .jsonl / .csv file of rows")
+    bat.add_argument("--out", required=True, metavar="OUT.jsonl", help="output JSONL (appended to; its ids are skipped)")
+    bat.add_argument("--prompt", default=None, help="prompt for rows without one (default: 'Describe this image.')")
+    bat.add_argument("--max-new-tokens", type=int, default=200, help="most tokens per answer (default %(default)s)")
+    bat.add_argument("--batch-size", type=int, default=8, help="images decoded together (default %(default)s)")
+    bat.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
+    bat.add_argument("--preset", choices=["default", "small"], default="default", help="small: least GPU memory")
+    _add_device_args(bat)
+    bat.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run on Ray Data actors, one model per GPU (or per CPU worker); no ADDRESS starts a local Ray, "
+                     "else the cluster's address (auto, ray://HOST:10001); needs the [ray] extra")
+    bat.add_argument("--workers", type=int, default=None, metavar="N", help="with --ray: exactly N actors (default: from the cluster's GPUs/CPUs)")
+    bat.set_defaults(func=cmd_batch)
 
     demo = sub.add_parser(
         "demo",
@@ -276,6 +300,15 @@ def cmd_compare(args) -> int:
         print(f"top-1 agreement: {100 * r['top1_agreement']:.1f}%")
         print(f"KL(float || quantised) per position: mean {r['kl_mean']:.4g}, max {r['kl_max']:.4g} nats")
         print(f"relative logit error: {r['rel_error']:.4g}")
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from molmoe_lite.batch import run
+
+    run(args.model, args.input, args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, preset=args.preset,
+        quantize=args.quantize, ray_address=args.ray, workers=args.workers)
     return 0
 
 

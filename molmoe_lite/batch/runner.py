@@ -1,0 +1,149 @@
+"""``run``: answer every row of an input, appending one record per row to a JSONL file.
+
+Method: read the rows, open the output (its ids are already done and are skipped),
+then answer the rest batch by batch, in one process (the next batch's images are read
+and preprocessed in a background thread while the current one decodes) or on Ray Data
+actors (``scale_out``). Either way this process writes the records, one batch at a
+time, through ``ResultsFile``, under a progress bar (images/s, time left), and ends with
+a summary: done, failed, skipped as already done, images/s.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from molmoe_lite.batch.answer import answer_prepared, prepare
+from molmoe_lite.batch.results import ResultsFile
+from molmoe_lite.batch.rows import Row, read_rows
+from molmoe_lite.errors import UsageError
+
+
+@dataclass
+class BatchSummary:
+    """What a ``run`` did. ``seconds``: answering time (model loading in this process excluded)."""
+
+    done: int
+    failed: int
+    skipped: int
+    seconds: float
+    out: str
+
+    @property
+    def images_per_s(self) -> float:
+        n = self.done + self.failed
+        return n / self.seconds if n and self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.done} done, {self.failed} failed, {self.skipped} skipped as already done; "
+                f"{self.images_per_s:.2f} images/s over {self.seconds:.1f} s -> {self.out}")
+
+
+def run(
+    model_or_path: Any,
+    inputs: str | Path | Iterable[Mapping[str, Any]],
+    out: str | Path,
+    *,
+    prompt: str | None = None,
+    max_new_tokens: int = 200,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str | None = None,
+    preset: str = "default",
+    quantize: str | None = None,
+    transparent: str = "composite",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Answer every row of ``inputs`` (a folder of images, a .jsonl / .csv file of rows, or
+    dicts with id, image and optional prompt) into ``out``, skipping the ids ``out`` holds.
+
+    ``model_or_path``: a loaded model (``molmoe_lite.load``) or what ``load`` takes
+    (``device``, ``dtype``, ``preset`` and ``quantize`` go to ``load``). ``prompt``: for
+    rows without their own (default "Describe this image."). Greedy decoding, ``batch_size``
+    rows at a time. ``ray_address``: run on Ray Data actors instead, one model each:
+    ``"local"`` starts a Ray on this machine, anything else is the address of a running
+    cluster (``"auto"``, ``"ray://host:10001"``); ``workers``: the number of actors
+    (default: one per GPU, or CPU workers on a cluster without GPUs). ``progress``: a
+    progress bar and the summary line on stderr.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if workers is not None and workers < 1:
+        raise UsageError(f"workers must be >= 1, got {workers}")
+    loaded = not isinstance(model_or_path, (str, Path))
+    if loaded and (device, dtype, quantize, preset) != (None, None, None, "default"):
+        raise UsageError("device, dtype, quantize and preset apply to a model path; this model is already loaded")
+    if loaded and ray_address is not None:
+        raise UsageError("a Ray run loads the model in each worker: pass the model's path, not a loaded model")
+    rows = read_rows(inputs, prompt)
+    with ResultsFile(out) as results:
+        pending = [r for r in rows if r.id not in results.done]
+        skipped = len(rows) - len(pending)
+        start = time.perf_counter()
+        if not pending:
+            batches: Iterator[list[dict[str, Any]]] = (b for b in ())
+        elif ray_address is not None:
+            from molmoe_lite.batch.scale_out import ray_batches
+
+            load_kwargs = dict(device=device, dtype=dtype, preset=preset, quantize=quantize)
+            batches = ray_batches(str(model_or_path), pending, load_kwargs, ray_address, workers,
+                                  batch_size, max_new_tokens, transparent)
+        else:
+            model = model_or_path
+            if not loaded:
+                from molmoe_lite.api import load
+
+                model = load(model_or_path, device=device, dtype=dtype, quantize=quantize, preset=preset)
+            start = time.perf_counter()
+            batches = local_batches(model, pending, batch_size, max_new_tokens, transparent)
+        done, failed = _write_all(batches, results, len(pending), progress)
+        summary = BatchSummary(done, failed, skipped, time.perf_counter() - start, str(results.path))
+    if progress:
+        print(f"[batch] {summary}", file=sys.stderr)
+    return summary
+
+
+def local_batches(model: Any, rows: list[Row], batch_size: int, max_new_tokens: int,
+                  transparent: str = "composite") -> Iterator[list[dict[str, Any]]]:
+    """Records of ``rows``, one list per batch, the next batch preprocessed while this one decodes."""
+    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+    def prepare_chunk(chunk: list[Row]):
+        return [prepare(model.processor, r, transparent) for r in chunk]
+
+    with ThreadPoolExecutor(1, thread_name_prefix="molmoe-lite-prepare") as pool:
+        ahead = pool.submit(prepare_chunk, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            prepared = ahead.result()
+            ahead = pool.submit(prepare_chunk, chunks[i + 1]) if i + 1 < len(chunks) else None
+            yield answer_prepared(model, prepared, max_new_tokens)
+
+
+def _write_all(batches: Iterator[list[dict[str, Any]]], results: ResultsFile, total: int,
+               progress: bool) -> tuple[int, int]:
+    from tqdm import tqdm
+
+    done = failed = 0
+    with tqdm(total=total, unit="img", desc="batch", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        try:
+            for records in batches:
+                results.append(records)
+                bad = sum(r["error"] is not None for r in records)
+                failed += bad
+                done += len(records) - bad
+                bar.update(len(records))
+                if failed:
+                    bar.set_postfix(failed=failed, refresh=False)
+        finally:
+            batches.close()  # a Ray run shuts its Ray down here, even on an error
+    return done, failed
