@@ -102,6 +102,25 @@ def test_greedy_answers_equal_generate_one_by_one(tiny_model, tmp_path, folder):
         assert got[row["id"]]["new_tokens"] == tiny_model.last_stats.new_tokens
 
 
+def test_rows_that_end_early_stop_as_they_do_alone(tiny_model, tmp_path, folder, monkeypatch):
+    """End-of-text mid-batch: the random model never says it, so a token it does say (the
+    third of one answer) is made the end-of-text token; rows then stop at different steps."""
+    tok = tiny_model.processor.tokenizer
+    inputs = tiny_model.processor.process(images=str(folder / "a.png"), text="Describe this image.")
+    ids = tiny_model.generate_from_batch(inputs, max_new_tokens=8)[0, inputs["input_ids"].numel():].tolist()
+    monkeypatch.setattr(tok, "eos_token_id", ids[2])
+    rows = [{"id": rel, "image": str(folder / rel)} for rel, _, _ in GOOD]
+    run(tiny_model, rows, tmp_path / "out.jsonl", max_new_tokens=8, batch_size=len(rows), progress=False)
+    got = {r["id"]: r for r in _lines(tmp_path / "out.jsonl")}
+    counts = set()
+    for row in rows:
+        alone = tiny_model.generate(row["image"], "Describe this image.", max_new_tokens=8)
+        assert got[row["id"]]["answer"] == alone
+        assert got[row["id"]]["new_tokens"] == tiny_model.last_stats.new_tokens
+        counts.add(tiny_model.last_stats.new_tokens)
+    assert got["a.png"]["new_tokens"] <= 3 and len(counts) > 1, "rows should stop at different steps"
+
+
 def test_jsonl_paths_are_relative_to_the_file_and_a_missing_file_is_a_row_error(tiny_model, tmp_path, monkeypatch):
     _write_images(tmp_path / "data" / "pics", GOOD[:2])
     jsonl = tmp_path / "data" / "rows.jsonl"
