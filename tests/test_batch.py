@@ -291,3 +291,14 @@ def test_killed_run_resumes_with_every_id_once_and_no_partial_line(tiny_release,
     assert all(r["error"] is None for r in records)
     assert f"{len(before)} skipped" in err  # the summary line
     assert records[: len(before)] == before
+
+
+def test_bench_batch_prints_one_record_per_run(tmp_path):
+    """benchmarks/bench_batch.py on the CPU, tiny sizes: its record (numbers themselves meaningless)."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_batch.py"
+    res = subprocess.run([sys.executable, str(bench), "--images", "3", "--batch-sizes", "1,2", "--max-new-tokens", "2",
+                          "--image-size", "64x48", "--size", "tiny"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(record["images_per_s"]) == {"1", "2"} and all(v > 0 for v in record["images_per_s"].values())
+    assert record["speedup"]["1"] == 1.0 and record["images"] == 3
