@@ -1,9 +1,8 @@
 """Batch jobs on Ray Data (``molmoe_lite.batch.scale_out``).
 
-The actor plan from a cluster's resources needs no Ray. The run itself starts a local Ray
-(2 CPUs' worth of actors: two, one CPU each), answers a folder with two actors, and must
-give the same rows as the single-process run, skip the ids already in the output, and
-leave no Ray process behind.
+The actor plan from the nodes' resources needs no Ray. The run starts a local Ray, answers
+a folder with two actors (one CPU each), and must give the same rows as the single-process
+run, skip the ids already in the output, and leave no Ray process behind.
 """
 
 import json
@@ -17,33 +16,36 @@ from molmoe_lite.errors import UsageError
 
 
 @pytest.mark.parametrize(
-    "resources, workers, device, expected",
+    "nodes, workers, device, expected",
     [
-        pytest.param({"CPU": 32, "GPU": 4}, None, None, {"min": 1, "max": 4, "num_gpus": 1.0, "num_cpus": 1},
-                     id="one_actor_per_gpu_autoscaled"),
-        pytest.param({"CPU": 32, "GPU": 4}, 2, None, {"min": 2, "max": 2, "num_gpus": 1.0, "num_cpus": 1},
+        pytest.param([{"CPU": 32, "GPU": 4}], None, None, {"workers": 4, "num_gpus": 1.0, "num_cpus": 1},
+                     id="one_actor_per_gpu"),
+        pytest.param([{"CPU": 16, "GPU": 2}, {"CPU": 16, "GPU": 2}], None, None,
+                     {"workers": 4, "num_gpus": 1.0, "num_cpus": 1}, id="gpus_of_every_node"),
+        pytest.param([{"CPU": 32, "GPU": 4}], 2, None, {"workers": 2, "num_gpus": 1.0, "num_cpus": 1},
                      id="fewer_workers_than_gpus"),
-        pytest.param({"CPU": 8, "GPU": 1}, 2, None, {"min": 2, "max": 2, "num_gpus": 0.5, "num_cpus": 1},
+        pytest.param([{"CPU": 8, "GPU": 1}], 2, None, {"workers": 2, "num_gpus": 0.5, "num_cpus": 1},
                      id="two_workers_share_a_gpu"),
-        pytest.param({"CPU": 8, "GPU": 3}, 4, None, {"min": 4, "max": 4, "num_gpus": 0.5, "num_cpus": 1},
-                     id="uneven_share_fits_whole_slots"),
-        pytest.param({"CPU": 32}, None, None, {"min": 1, "max": 4, "num_gpus": 0, "num_cpus": 8},
-                     id="cpu_cluster_one_worker_per_8_cpus"),
-        pytest.param({"CPU": 2}, None, None, {"min": 1, "max": 1, "num_gpus": 0, "num_cpus": 2},
-                     id="small_cpu_machine_one_worker"),
-        pytest.param({"CPU": 2}, 2, None, {"min": 2, "max": 2, "num_gpus": 0, "num_cpus": 1},
-                     id="cpu_workers_given"),
-        pytest.param({"CPU": 16, "GPU": 2}, None, "cpu", {"min": 1, "max": 2, "num_gpus": 0, "num_cpus": 8},
+        pytest.param([{"CPU": 8, "GPU": 3}], 4, None, {"workers": 4, "num_gpus": 0.5, "num_cpus": 1},
+                     id="uneven_share_gives_whole_slots"),
+        pytest.param([{"CPU": 32}], None, None, {"workers": 4, "num_gpus": 0, "num_cpus": 8},
+                     id="cpu_node_one_worker_per_8_cpus"),
+        pytest.param([{"CPU": 12}, {"CPU": 4}, {"CPU": 4}], None, None, {"workers": 5, "num_gpus": 0, "num_cpus": 4},
+                     id="small_nodes_set_the_reservation"),
+        pytest.param([{"CPU": 2}], None, None, {"workers": 1, "num_gpus": 0, "num_cpus": 2},
+                     id="small_machine_one_worker"),
+        pytest.param([{"CPU": 2}], 2, None, {"workers": 2, "num_gpus": 0, "num_cpus": 1}, id="cpu_workers_given"),
+        pytest.param([{"CPU": 16, "GPU": 2}], None, "cpu", {"workers": 2, "num_gpus": 0, "num_cpus": 8},
                      id="device_cpu_ignores_gpus"),
     ],
 )
-def test_plan_workers_from_cluster_resources(resources, workers, device, expected):
-    assert plan_workers(resources, workers, device) == expected
+def test_plan_workers_from_the_nodes_resources(nodes, workers, device, expected):
+    assert plan_workers(nodes, workers, device) == expected
 
 
 def test_plan_workers_refuses_cuda_without_gpus():
     with pytest.raises(UsageError, match="no GPUs"):
-        plan_workers({"CPU": 8}, None, "cuda")
+        plan_workers([{"CPU": 8}], None, "cuda")
 
 
 def _lines(path):

@@ -7,10 +7,10 @@ same code as a single-process run, returning each record as one JSON string. The
 iterates the results as they come and writes them itself, so the output file, its
 whole-line rule and the skipping of done ids are exactly those of a single-process run.
 
-How many actors: one per GPU of the cluster, or, without GPUs, one per
-``CPUS_PER_WORKER`` CPUs, each reserving an equal share of them; the pool then grows
-from one actor up to that count as Ray Data sees fit. An explicit ``workers`` is a pool
-of exactly that size (several actors share a GPU when there are more workers than GPUs).
+How many actors (``plan_workers``, from the live nodes' resources): one per GPU of the
+cluster, or, without GPUs, one per ``CPUS_PER_WORKER`` CPUs (fewer on small nodes: an
+actor must fit on one node); ``workers`` fixes the count (several actors share a GPU when
+there are more workers than GPUs).
 ``address="local"`` starts a Ray on this machine and shuts it down at the end; any other
 address joins that cluster (every node must see the model folder and the images at the
 same paths, and have molmoe-lite installed). A Ray this process already initialised is
@@ -32,23 +32,25 @@ from molmoe_lite.errors import UsageError
 CPUS_PER_WORKER = 8  # without GPUs: one model per this many CPUs (its matmuls use them all)
 
 
-def plan_workers(resources: dict[str, float], workers: int | None, device: str | None) -> dict[str, Any]:
-    """Actor count and per-actor resources from ``ray.cluster_resources()``.
+def plan_workers(nodes: list[dict[str, float]], workers: int | None, device: str | None) -> dict[str, Any]:
+    """How many actors, and what each reserves, from the resources of the cluster's live nodes.
 
-    Returns {"min": .., "max": .., "num_gpus": .., "num_cpus": ..}.
+    Returns {"workers": n, "num_gpus": .., "num_cpus": ..}. With GPUs: one actor per GPU (or
+    ``workers``; more workers than GPUs share them in equal slots, so every GPU holds a whole
+    number). Without: each actor reserves ``CPUS_PER_WORKER`` CPUs, or all of the smallest
+    node's if that has fewer, so an actor fits every node; as many as the nodes hold.
     """
-    gpus = int(resources.get("GPU", 0))
-    cpus = max(1, int(resources.get("CPU", 1)))
-    use_gpus = gpus > 0 and (device is None or str(device).startswith("cuda"))
+    gpus = int(sum(n.get("GPU", 0) for n in nodes))
     if str(device or "").startswith("cuda") and not gpus:
         raise UsageError(f"device={device!r}, but the Ray cluster has no GPUs")
-    if use_gpus:
+    if gpus and (device is None or str(device).startswith("cuda")):
         n = workers or gpus
-        # more actors than GPUs: each gets an equal slot, so every node fits a whole number
-        share = 1.0 / math.ceil(n / gpus)
-        return {"min": n if workers else 1, "max": n, "num_gpus": share, "num_cpus": 1}
-    n = workers or max(1, cpus // CPUS_PER_WORKER)
-    return {"min": n if workers else 1, "max": n, "num_gpus": 0, "num_cpus": max(1, cpus // n)}
+        return {"workers": n, "num_gpus": 1.0 / math.ceil(n / gpus), "num_cpus": 1}
+    cpus = [int(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) >= 1] or [1]
+    per = min(CPUS_PER_WORKER, min(cpus))
+    if workers is None:
+        return {"workers": sum(c // per for c in cpus), "num_gpus": 0, "num_cpus": per}
+    return {"workers": workers, "num_gpus": 0, "num_cpus": max(1, min(per, sum(cpus) // workers))}
 
 
 class _Answerer:
@@ -91,13 +93,14 @@ def ray_batches(model_path: str, rows: list[Row], load_kwargs: dict[str, Any], a
         extra = {"include_dashboard": False} if address == "local" else {}
         ray.init(address=address, logging_level=logging.WARNING, **extra)
     try:
-        plan = plan_workers(ray.cluster_resources(), workers, load_kwargs.get("device"))
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        plan = plan_workers(nodes, workers, load_kwargs.get("device"))
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours is on the driver
         dataset = ray.data.from_items([asdict(r) for r in rows])
         answered = dataset.map_batches(
             _Answerer,
             batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=plan["min"], max_size=plan["max"]),
+            compute=ray.data.ActorPoolStrategy(size=plan["workers"]),
             fn_constructor_kwargs=dict(model_path=model_path, load_kwargs=load_kwargs,
                                        max_new_tokens=max_new_tokens, transparent=transparent,
                                        threads=0 if plan["num_gpus"] else plan["num_cpus"]),
