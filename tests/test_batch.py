@@ -215,9 +215,9 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
         assert again.done == {"a"}
 
 
-def test_a_row_the_batch_is_refused_for_fails_alone(tiny_model, tmp_path, folder):
-    """A prompt longer than the context makes the batched call refuse; the other rows still
-    get the answers they get alone."""
+def test_a_row_too_long_for_the_context_fails_alone(tiny_model, tmp_path, folder):
+    """A prompt longer than the model's context is refused for that row; the rows around it
+    still get the answers they get alone."""
     rows = [{"id": "ok1", "image": str(folder / "a.png")},
             {"id": "long", "image": str(folder / "c.JPG"), "prompt": "word " * 5000},
             {"id": "ok2", "image": str(folder / "sub/b.jpg")}]
@@ -267,11 +267,11 @@ def test_cli_reports_a_bad_input_in_one_line(tiny_release, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_with_every_id_once_and_no_partial_line(tiny_release, tmp_path):
     """SIGKILL a CLI run once a batch is on disk, run it again: every id exactly once."""
-    specs = [(f"img{i:02d}.png", 64 + 40 * (i % 3), 48 + 30 * (i % 4)) for i in range(12)]
+    specs = [(f"img{i:02d}.png", 64 + 40 * (i % 3), 48 + 30 * (i % 4)) for i in range(16)]
     _write_images(tmp_path / "imgs", specs)
     out = tmp_path / "out.jsonl"
     args = ["batch", str(tiny_release), str(tmp_path / "imgs"), "--out", str(out), "--batch-size", "2",
-            "--max-new-tokens", "12", "--device", "cpu"]
+            "--max-new-tokens", "16", "--device", "cpu"]
     proc = _cli(*args)
     deadline = time.monotonic() + 300
     while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
@@ -302,3 +302,25 @@ def test_bench_batch_prints_one_record_per_run(tmp_path):
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(record["images_per_s"]) == {"1", "2"} and all(v > 0 for v in record["images_per_s"].values())
     assert record["speedup"]["1"] == 1.0 and record["images"] == 3
+
+
+def test_a_longer_prompt_later_grows_the_engine_context(tiny_model, tmp_path, folder, monkeypatch):
+    """Small images first, then large ones: the engine sized for the first prompts is replaced
+    by a larger one once the rows in flight finish, and every answer is still the one alone."""
+    from molmoe_lite.batch.answer import EngineDecoder
+
+    contexts = []
+    grow = EngineDecoder._grow
+
+    def recording_grow(self, tokens):
+        grow(self, tokens)
+        contexts.append(self.engine.max_context)
+
+    monkeypatch.setattr(EngineDecoder, "_grow", recording_grow)
+    order = ["c.JPG", "c.JPG", "a.png", "sub/deeper/d.webp", "sub/b.jpg"]
+    rows = [{"id": str(i), "image": str(folder / rel)} for i, rel in enumerate(order)]
+    run(tiny_model, rows, tmp_path / "out.jsonl", max_new_tokens=4, batch_size=2, progress=False)
+    got = {r["id"]: r for r in _lines(tmp_path / "out.jsonl")}
+    assert len(contexts) >= 2 and contexts == sorted(contexts), contexts
+    for row in rows:
+        assert got[row["id"]]["answer"] == tiny_model.generate(row["image"], "Describe this image.", max_new_tokens=4)

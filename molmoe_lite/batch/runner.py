@@ -1,11 +1,12 @@
 """``run``: answer every row of an input, appending one record per row to a JSONL file.
 
 Method: read the rows, open the output (its ids are already done and are skipped),
-then answer the rest batch by batch, in one process (the next batch's images are read
-and preprocessed in a background thread while the current one decodes) or on Ray Data
-actors (``scale_out``). Either way this process writes the records, one batch at a
-time, through ``ResultsFile``, under a progress bar (images/s, time left), and ends with
-a summary: done, failed, skipped as already done, images/s.
+then answer the rest in one process (the engine decodes up to ``batch_size`` rows
+together, a finished row's place going to the next at once, while a background thread
+reads the next images) or on Ray Data actors (``scale_out``). Either way this process
+writes the records, ``batch_size`` at a time as they complete, through ``ResultsFile``,
+under a progress bar (images/s, time left), and ends with a summary: done, failed,
+skipped as already done, images/s.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from molmoe_lite.batch.answer import answer_prepared, prepare
+from molmoe_lite.batch.answer import EngineDecoder, prepared_ahead
 from molmoe_lite.batch.results import ResultsFile
 from molmoe_lite.batch.rows import Row, read_rows
 from molmoe_lite.errors import UsageError
@@ -66,8 +66,8 @@ def run(
 
     ``model_or_path``: a loaded model (``molmoe_lite.load``) or what ``load`` takes
     (``device``, ``dtype``, ``preset`` and ``quantize`` go to ``load``). ``prompt``: for
-    rows without their own (default "Describe this image."). Greedy decoding, ``batch_size``
-    rows at a time. ``ray_address``: run on Ray Data actors instead, one model each:
+    rows without their own (default "Describe this image."). Greedy decoding of up to
+    ``batch_size`` rows together; the output is written ``batch_size`` records at a time. ``ray_address``: run on Ray Data actors instead, one model each:
     ``"local"`` starts a Ray on this machine, anything else is the address of a running
     cluster (``"auto"``, ``"ray://host:10001"``); ``workers``: the number of actors
     (default: one per GPU, or CPU workers on a cluster without GPUs). ``progress``: a
@@ -114,18 +114,19 @@ def run(
 
 def local_batches(model: Any, rows: list[Row], batch_size: int, max_new_tokens: int,
                   transparent: str = "composite") -> Iterator[list[dict[str, Any]]]:
-    """Records of ``rows``, one list per batch, the next batch preprocessed while this one decodes."""
-    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-
-    def prepare_chunk(chunk: list[Row]):
-        return [prepare(model.processor, r, transparent) for r in chunk]
-
-    with ThreadPoolExecutor(1, thread_name_prefix="molmoe-lite-prepare") as pool:
-        ahead = pool.submit(prepare_chunk, chunks[0]) if chunks else None
-        for i in range(len(chunks)):
-            prepared = ahead.result()
-            ahead = pool.submit(prepare_chunk, chunks[i + 1]) if i + 1 < len(chunks) else None
-            yield answer_prepared(model, prepared, max_new_tokens)
+    """Records of ``rows`` in lists of ``batch_size``, as they complete on the engine."""
+    decoder = EngineDecoder(model, batch_size, max_new_tokens)
+    try:
+        chunk: list[dict[str, Any]] = []
+        for rec in decoder.answer(prepared_ahead(model.processor, rows, batch_size, transparent)):
+            chunk.append(rec)
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+    finally:
+        decoder.close()
 
 
 def _write_all(batches: Iterator[list[dict[str, Any]]], results: ResultsFile, total: int,

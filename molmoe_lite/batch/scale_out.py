@@ -2,8 +2,8 @@
 
 Method: the rows still to do become a Ray dataset (``ray.data.from_items``);
 ``map_batches`` runs them through ``_Answerer`` actors, each of which loads the model
-once (on the GPU Ray gives it, or on the CPUs it reserves) and answers a batch with the
-same code as a single-process run, returning each record as one JSON string. The driver
+once (on the GPU Ray gives it, or on the CPUs it reserves), keeps one engine, and answers
+a batch with the same code as a single-process run, returning each record as one JSON string. The driver
 iterates the results as they come and writes them itself, so the output file, its
 whole-line rule and the skipping of done ids are exactly those of a single-process run.
 
@@ -56,16 +56,16 @@ def plan_workers(nodes: list[dict[str, float]], workers: int | None, device: str
 class _Answerer:
     """A Ray Data actor: one model, loaded once; a batch of rows in, their records (JSON) out."""
 
-    def __init__(self, model_path: str, load_kwargs: dict[str, Any], max_new_tokens: int,
+    def __init__(self, model_path: str, load_kwargs: dict[str, Any], batch_size: int, max_new_tokens: int,
                  transparent: str, threads: int) -> None:
         import torch
 
         from molmoe_lite.api import load
+        from molmoe_lite.batch.answer import EngineDecoder
 
         if threads:
             torch.set_num_threads(threads)
-        self.model = load(model_path, **load_kwargs)
-        self.max_new_tokens = max_new_tokens
+        self.decoder = EngineDecoder(load(model_path, **load_kwargs), batch_size, max_new_tokens)
         self.transparent = transparent
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +75,7 @@ class _Answerer:
 
         rows = [Row(str(i), str(im), str(p), str(q))
                 for i, im, p, q in zip(batch["id"], batch["image"], batch["path"], batch["prompt"])]
-        records = answer_rows(self.model, rows, self.max_new_tokens, self.transparent)
+        records = answer_rows(self.decoder, rows, self.transparent)
         return {"record": np.array([json.dumps(r, ensure_ascii=False) for r in records])}
 
 
@@ -101,7 +101,7 @@ def ray_batches(model_path: str, rows: list[Row], load_kwargs: dict[str, Any], a
             _Answerer,
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=plan["workers"]),
-            fn_constructor_kwargs=dict(model_path=model_path, load_kwargs=load_kwargs,
+            fn_constructor_kwargs=dict(model_path=model_path, load_kwargs=load_kwargs, batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, transparent=transparent,
                                        threads=0 if plan["num_gpus"] else plan["num_cpus"]),
             num_cpus=plan["num_cpus"],
