@@ -163,9 +163,7 @@ def _wait(handle: Any, seconds: float = 0.01) -> None:
     """Until ``handle`` is done or ``seconds`` pass (then the other rows are looked at again)."""
     try:
         handle.result(timeout=seconds)
-    except TimeoutError:
-        pass
-    except Exception:  # noqa: BLE001 - its error is the row's, collected with its result
+    except Exception:  # noqa: BLE001 - not done yet, or failed: its result says which, when collected
         pass
 
 
