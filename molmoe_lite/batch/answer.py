@@ -86,7 +86,7 @@ class EngineDecoder:
     CONTEXT_STEP = 256
 
     def __init__(self, model: Any, max_batch: int, max_new_tokens: int) -> None:
-        from molmoe_lite.generation import SamplingSettings
+        from molmoe_lite.sampling import SamplingSettings
 
         if getattr(model, "processor", None) is None:
             raise UsageError("this model has no processor attached; load it with molmoe_lite.load()")
