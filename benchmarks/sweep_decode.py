@@ -1,6 +1,6 @@
 """Launch sweep of the two decode kernels on a GPU: which tiles read MolmoE's experts fastest.
 
-The shipped launch tables (kernels/configs.py) were chosen without a GPU. This times each
+The built-in launch tables (kernels/configs.py) were chosen without a GPU. This times each
 decode kernel alone (gate+up with SwiGLU, and down with the top-k sum) at MolmoE's shapes for
 candidate (BLOCK_N, BLOCK_K, num_warps) and, for the down kernel, EXPERT_SPLIT (how many
 programs share a token's experts, moe_gemv.expert_split), so one GPU run tells the next session
@@ -17,7 +17,10 @@ tokens picked, plus activations in and out; ``bw_fraction`` is against the devic
 bandwidth (OUT/bandwidth.json when gpu_check wrote it, else measured here).
 
 Writes OUT/decode_sweep.jsonl (one record per candidate and T, appended as measured, so a run
-cut short still reports) and prints the best candidate per (kernel, bits, T). Starts no new
+cut short still reports), prints the best candidate per (kernel, bits, T), and writes the chosen
+launch per kernel (the least total time over every bits and T it was measured at) with where
+and when it was measured to OUT/<device-name>.json: copied into kernels/launch_configs/, the
+runtime uses it on GPUs of that name (or pin it first: MOLMOE_LITE_KERNEL_CONFIG=OUT/<file>). Starts no new
 candidate after --budget-s seconds (first launches compile, which is most of the cost).
 ``--smoke``: tiny shapes under the Triton interpreter on the CPU, two candidates, no timing.
 """
@@ -25,9 +28,11 @@ candidate after --budget-s seconds (first launches compile, which is most of the
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -190,6 +195,52 @@ def best_per_case(results: list[dict]) -> list[dict]:
     return [{**r, "shipped_us": shipped.get(key)} for key, r in best.items()]
 
 
+LAUNCH_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "EXPERT_SPLIT")
+
+
+def chosen_table(results: list[dict]) -> dict:
+    """Per kernel, the launch with the least total time over every (bits, T) case measured for
+    that kernel; launches missing a case (an error, the budget) are not compared. Each entry is
+    launched exactly as measured (``fill_sms: 0``)."""
+    cases: dict[str, set] = {}
+    times: dict[tuple, dict] = {}
+    for r in results:
+        cases.setdefault(r["kernel"], set()).add((r["bits"], r["T"]))
+        if r.get("us") is not None:
+            launch = tuple((k, r[k]) for k in LAUNCH_KEYS if r.get(k) is not None)
+            times.setdefault((r["kernel"], launch), {})[(r["bits"], r["T"])] = r["us"]
+    table = {}
+    for kernel, want in cases.items():
+        complete = {launch: sum(t.values()) for (kname, launch), t in times.items() if kname == kernel and set(t) == want}
+        if complete:
+            table[kernel] = {**dict(min(complete, key=complete.get)), "fill_sms": 0}
+    return table
+
+
+def launch_config_record(results: list[dict], device: str, capability: int) -> dict:
+    """The JSON the runtime reads (kernels/configs.py): the chosen table, with where and when."""
+    import torch
+    import triton
+
+    return {"device": device, "capability": capability,
+            "measured": {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                         "where": platform.node(), "by": "benchmarks/sweep_decode.py",
+                         "torch": torch.__version__, "triton": triton.__version__,
+                         "cases": sorted({f"T={r['T']} int{r['bits']}" for r in results})},
+            "table": chosen_table(results)}
+
+
+def write_launch_config(results: list[dict], out: Path, device: str, capability: int) -> Path | None:
+    from molmoe_lite.kernels.configs import device_file_name
+
+    record = launch_config_record(results, device, capability)
+    if not record["table"]:
+        return None
+    path = out / device_file_name(device)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"), help="folder for decode_sweep.jsonl")
@@ -204,8 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     results = sweep(args)
     for r in best_per_case(results):
         print("BEST " + json.dumps(r))
+    config = None
+    if not args.smoke:
+        major, minor = torch.cuda.get_device_capability()
+        config = write_launch_config(results, args.out, torch.cuda.get_device_name(), 10 * major + minor)
     print(json.dumps({"stage": "decode-sweep", "records": len(results),
-                      "errors": sum("error" in r for r in results), "out": str(args.out / "decode_sweep.jsonl")}))
+                      "errors": sum("error" in r for r in results), "out": str(args.out / "decode_sweep.jsonl"),
+                      "launch_config": str(config) if config else None}))
     return 0
 
 

@@ -19,7 +19,7 @@ Run as ``python -m molmoe_lite.kernels.aot [--arch 86] [--bits 4 8] [--json] [-j
 when everything compiles and fits, 1 otherwise, 3 when this machine cannot compile for CUDA at all.
 Must run in a process without TRITON_INTERPRET=1: whether triton's own ``tl.max``/``tl.sum`` are
 compiled or interpreted is fixed when triton is imported, so this entry point switches the
-interpreter off before importing it (tests call it in a subprocess).
+interpreter off before importing it (a test session that interprets calls it in a subprocess).
 """
 
 from __future__ import annotations
@@ -59,59 +59,72 @@ DECODE_T1 = {"gate_up_decode": (INTER, HIDDEN, TOP_K), "down_decode": (HIDDEN, I
 REFERENCE_SMS = {75: 40, 80: 108, 86: 30, 89: 24, 90: 132}
 
 
+def _norm_jobs(cap: int, act: str) -> list[dict]:
+    """The decoder's norms at d_model = 2048: norm and residual add + norm (on the fp32 residual),
+    QK-norm + RoPE (heads of 128), and the k-norm + RoPE that writes k and v into their cache slot."""
+    ptrs = {"x_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": act, "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+            "delta_ptr": act, "sum_ptr": "*fp32", "k_ptr": act, "v_ptr": act, "k_cache_ptr": act,
+            "v_cache_ptr": act, "pos_ptr": "*i64"}
+    kernels = {"rms_norm": ("_rms_norm_kernel", {}), "add_rms_norm": ("_add_rms_norm_kernel", {}),
+               "rms_norm_rope": ("_rms_norm_rope_kernel", {"HEAD_DIM": 128, "x_ptr": act}),
+               "rms_norm_rope_to_cache": ("_rms_norm_rope_to_cache_kernel", {"HEAD_DIM": 128})}
+    jobs = []
+    for name, (fn, extra) in kernels.items():
+        const = {"PROD": "fp32", "BLOCK": HIDDEN, **{k: v for k, v in extra.items() if not k.endswith("_ptr")}}
+        job_ptrs = {**ptrs, **{k: v for k, v in extra.items() if k.endswith("_ptr")}}
+        jobs.append({"kernel": name, "module": "norms", "fn": fn, "cap": cap, "bits": 0, "shape": "table",
+                     "ptrs": job_ptrs, "const": const, "scalars": {"eps": "fp32"}, "options": {"num_warps": 8}})
+    return jobs
+
+
+def _expert_jobs(cap: int, act: str, bits_list: list[int]) -> list[dict]:
+    """The four expert kernels with the architecture's table, and the decode kernels also with
+    the tiles ``decode_tiles`` picks at T = 1 on the architecture's reference card."""
+    from .configs import CONFIGS
+    from .moe_gemv import decode_tiles, expert_split
+
+    jobs = []
+    for key, (mod, fn) in EXPERT_KERNELS.items():
+        cfg = CONFIGS[cap][key]
+        for bits in bits_list:
+            tiles = {"table": (cfg["BLOCK_N"], cfg["BLOCK_K"], 1)}
+            if key in DECODE_T1:
+                rows, k, programs = DECODE_T1[key]
+                bn, bk = decode_tiles(cfg, rows, k, bits, programs, REFERENCE_SMS[cap])
+                split = expert_split(cfg, TOP_K, -(-rows // bn), REFERENCE_SMS[cap]) if key == "down_decode" else 1
+                tiles["T=1"] = (bn, bk, split)
+            for shape, (bn, bk, split) in tiles.items():
+                const = {"BITS": bits, "GROUP": 64, "BLOCK_N": bn, "BLOCK_K": bk}
+                if key == "down_decode":
+                    const["SPLIT"] = split
+                if key != "down_grouped":
+                    const["TOP_K"] = TOP_K
+                if "grouped" in key:
+                    const.update(BLOCK_M=cfg["BLOCK_M"], PRECISION="tf32")
+                jobs.append({"kernel": key, "module": mod, "fn": fn, "cap": cap, "bits": bits, "shape": shape,
+                             "ptrs": _ptr_types(act, bits), "const": const,
+                             "options": {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}})
+    return jobs
+
+
 def job_list(archs: list[int], bits_list: list[int]) -> list[dict]:
     """Every (kernel, arch, bits, shape) to compile, with its constants and launch options.
 
     ``shape`` is "table" (the config as shipped) or, for the decode kernels, "T=1" (the tiles
     ``decode_tiles`` picks at batch 1 on the architecture's reference card).
     """
-    from .configs import CONFIGS
-    from .moe_gemv import decode_tiles, expert_split
-
     jobs = []
     for cap in archs:
         act = "*fp16" if cap < 80 else "*bf16"
-        table = CONFIGS[cap]
         jobs.append({"kernel": "topk_softmax", "module": "routing", "fn": "_topk_softmax_kernel", "cap": cap,
                      "bits": 0, "shape": "table", "ptrs": _ptr_types(act, 4),
-                     "const": {"TOP_K": TOP_K, "BLOCK_K": 8, "BLOCK_E": 64, "RENORMALIZE": False},
+                     "const": {"TOP_K": TOP_K, "BLOCK_TOP_K": 8, "BLOCK_E": 64, "RENORMALIZE": False},
                      "options": {"num_warps": 1}})
-        # the decoder's norms at d_model = 2048: norm, residual add + norm, QK-norm + RoPE (heads of
-        # 128), and the k-norm + RoPE that writes k and v into their KV-cache slot
-        for name, rope, residual, to_cache in (("rms_norm", False, False, False), ("add_rms_norm", False, True, False),
-                                               ("rms_norm_rope", True, False, False),
-                                               ("rms_norm_rope_to_cache", True, False, True)):
-            jobs.append({"kernel": name, "module": "norms", "fn": "_rms_norm_kernel", "cap": cap, "bits": 0,
-                         "shape": "table",
-                         "ptrs": {"x_ptr": act if rope else "*fp32", "w_ptr": "*fp32", "out_ptr": act,
-                                  "cos_ptr": "*fp32", "sin_ptr": "*fp32", "delta_ptr": act, "sum_ptr": "*fp32",
-                                  "v_ptr": act, "vc_ptr": act, "pos_ptr": "*i64"},
-                         "const": {"PROD": "fp32", "BLOCK": HIDDEN, "ROPE": rope, "HEAD_DIM": 128 if rope else 1,
-                                   "RESIDUAL": residual, "TO_CACHE": to_cache},
-                         "scalars": {"eps": "fp32"}, "options": {"num_warps": 8}})
+        jobs += _norm_jobs(cap, act)
         jobs.append({"kernel": "embedding", "module": "norms", "fn": "_embedding_kernel", "cap": cap, "bits": 0,
                      "shape": "table", "ptrs": {"ids_ptr": "*i64", "table_ptr": act, "new_ptr": act, "out_ptr": act},
                      "const": {"HAS_NEW": True, "BLOCK": HIDDEN}, "options": {"num_warps": 8}})
-        for key, (mod, fn) in EXPERT_KERNELS.items():
-            cfg = table[key]
-            for bits in bits_list:
-                tiles = {"table": (cfg["BLOCK_N"], cfg["BLOCK_K"], 1)}
-                if key in DECODE_T1:
-                    rows, k, programs = DECODE_T1[key]
-                    bn, bk = decode_tiles(cfg, rows, k, bits, programs, REFERENCE_SMS[cap])
-                    split = expert_split(cfg, TOP_K, -(-rows // bn), REFERENCE_SMS[cap]) if key == "down_decode" else 1
-                    tiles["T=1"] = (bn, bk, split)
-                for shape, (bn, bk, split) in tiles.items():
-                    const = {"BITS": bits, "GROUP": 64, "BLOCK_N": bn, "BLOCK_K": bk}
-                    if key == "down_decode":
-                        const["SPLIT"] = split
-                    if key != "down_grouped":
-                        const["TOP_K"] = TOP_K
-                    if "grouped" in key:
-                        const.update(BLOCK_M=cfg["BLOCK_M"], PRECISION="tf32")
-                    jobs.append({"kernel": key, "module": mod, "fn": fn, "cap": cap, "bits": bits, "shape": shape,
-                                 "ptrs": _ptr_types(act, bits), "const": const,
-                                 "options": {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}})
+        jobs += _expert_jobs(cap, act, bits_list)
     return jobs
 
 

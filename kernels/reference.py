@@ -1,13 +1,13 @@
 """Pure-torch fp32 reference of the MoE math: the oracle for the kernels and the CPU path.
 
-Shapes: T tokens, E experts, K top-k, H hidden, I expert hidden.
+Names follow the package legend (``molmoe_lite.kernels``).
 
-Routing: softmax over all E router logits in fp32, then the K largest probabilities, ties
+Routing: softmax over all E router logits in fp32, then the TOP_K largest probabilities, ties
 broken by the lowest expert id (a stable descending sort gives exactly that; ``torch.topk``
-does not promise it). MolmoE does not renormalise the K weights; ``renormalize=True`` does.
+does not promise it). MolmoE does not renormalise the TOP_K weights; ``renormalize=True`` does.
 
-Experts: for every (token, k) pair, ``w_k * down(silu(x gate^T) * (x up^T))`` summed over k,
-on dequantised weights in fp32. ``w13`` stacks gate rows 0..I-1 and up rows I..2I-1 per expert
+Experts: for every (token, choice) pair, ``w * down(silu(x gate^T) * (x up^T))``, summed over
+the token's choices, on dequantised weights in fp32. ``w13`` stacks gate rows 0..I-1 and up rows I..2I-1 per expert
 ([E, 2I, H]); ``w2`` is down_proj ([E, H, I]). Only experts that received tokens are
 dequantised, one at a time, so the CPU path never holds a dequantised copy of a whole layer.
 """
@@ -18,15 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from molmoe_lite.quantize.format import QuantizedWeight, dequantize
-from molmoe_lite.errors import MolmoeLiteError
 
-
-class MoEInputError(MolmoeLiteError, ValueError):
-    """Inputs of the MoE ops with the wrong shape, dtype or layout."""
+from .checks import MoEInputError, check_moe_inputs
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights fp32 [T, K], ids int64 [T, K]), best first."""
+    """Router logits [T, E] -> (weights fp32 [T, TOP_K], ids int64 [T, TOP_K]), best first."""
     if logits.dim() != 2:
         raise MoEInputError(f"route: router logits must be [T, E], got shape {tuple(logits.shape)}")
     n_experts = logits.shape[1]
@@ -42,41 +39,20 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool = False) -> tuple[
     return weights, ids
 
 
-def check_moe_inputs(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                     w13: QuantizedWeight, w2: QuantizedWeight) -> tuple[int, int, int, int, int]:
-    """Validate shapes; returns (T, H, E, I, K)."""
-    if x.dim() != 2:
-        raise MoEInputError(f"moe: hidden states must be [T, H], got shape {tuple(x.shape)}")
-    if weights.shape != ids.shape or weights.dim() != 2 or weights.shape[0] != x.shape[0]:
-        raise MoEInputError(
-            f"moe: routing weights {tuple(weights.shape)} and ids {tuple(ids.shape)} must both be [T, K] "
-            f"with T = {x.shape[0]}")
-    if len(w13.shape) != 3 or len(w2.shape) != 3:
-        raise MoEInputError(f"moe: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} must be stacked [E, N, K]")
-    n_exp, two_i, hid = w13.shape
-    t, h = x.shape
-    if hid != h or two_i % 2:
-        raise MoEInputError(f"moe: w13 must be [E, 2I, H={h}], got {tuple(w13.shape)}")
-    inter = two_i // 2
-    if tuple(w2.shape) != (n_exp, h, inter):
-        raise MoEInputError(f"moe: w2 must be [E={n_exp}, H={h}, I={inter}], got {tuple(w2.shape)}")
-    return t, h, n_exp, inter, ids.shape[1]
-
-
 def moe_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                   w13: QuantizedWeight, w2: QuantizedWeight) -> torch.Tensor:
-    """x [T, H], weights/ids [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H] in x's dtype (fp32 math)."""
-    t, h, n_exp, inter, k = check_moe_inputs(x, weights, ids, w13, w2)
+    """x [T, H], weights/ids [T, TOP_K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H] in x's dtype (fp32 math)."""
+    t, h, n_exp, inter, top_k = check_moe_inputs(x, weights, ids, w13, w2)
     xf = x.float()
     out = torch.zeros(t, h, dtype=torch.float32, device=x.device)
-    flat_ids = ids.reshape(-1)  # [T*K], pair p = t*K + k
+    flat_ids = ids.reshape(-1)  # [T*TOP_K], pair p = t * TOP_K + choice
     flat_w = weights.reshape(-1).float()
     # host loop over the experts that got tokens (CPU path: a sync here is fine)
     for e in torch.unique(flat_ids).tolist():
         if not 0 <= e < n_exp:
             raise MoEInputError(f"moe: expert id {e} out of range [0, {n_exp})")
         pairs = (flat_ids == e).nonzero(as_tuple=True)[0]  # [P]
-        tok = pairs // k
+        tok = pairs // top_k
         w13_e = dequantize(w13.index(e)).float().to(x.device)  # [2I, H]
         w2_e = dequantize(w2.index(e)).float().to(x.device)  # [H, I]
         gu = xf[tok] @ w13_e.t()  # [P, 2I]

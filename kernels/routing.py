@@ -1,16 +1,16 @@
 """Fused router: softmax over experts + top-k in one launch; prefill grouping of tokens by expert.
 
-Shapes: T tokens, E experts, K top-k, BM rows per grouped-GEMM block.
+Names follow the package legend (``molmoe_lite.kernels``); BLOCK_M rows per grouped block.
 
 ``topk_softmax``: one program per token holds all E logits in one block (E <= a few hundred),
-takes the softmax in fp32 and extracts the K largest by K rounds of (max, lowest index attaining
-it, mask it out) -- so exact ties go to the lowest expert id, like the reference's stable sort.
-One launch, no host sync: the decode path calls this and goes straight to the expert GEMVs.
+takes the softmax in fp32 and extracts the TOP_K largest by TOP_K rounds of (max, lowest index
+attaining it, mask it out) -- so exact ties go to the lowest expert id, like the reference's
+stable sort. No host sync: the decode path calls this and goes straight to the expert GEMVs.
 
-``group_by_expert``: for the prefill path, the (token, k) pairs sorted by expert (stable, so
+``group_by_expert``: for the prefill path, the (token, choice) pairs sorted by expert (stable, so
 token order is kept inside an expert), per-expert counts and offsets, and a block table that
 maps each grouped-GEMM program to (expert, first row, end row). Torch ops only, no host sync:
-the number of blocks is bounded from shapes alone (cdiv(T*K, BM) + min(E, T*K)); programs past
+the number of blocks is bounded from shapes alone (cdiv(T * TOP_K, BLOCK_M) + min(E, T * TOP_K)); programs past
 the real count see expert id E and exit without touching memory.
 """
 
@@ -22,49 +22,52 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import MoEInputError
+from .checks import MoEInputError
 
 
 @triton.jit
 def _topk_softmax_kernel(logits_ptr,  # [T, E] any float dtype, row stride stride_t
-                         weights_ptr,  # [T, K] fp32 out
-                         ids_ptr,  # [T, K] int32 out
+                         weights_ptr,  # [T, TOP_K] fp32 out
+                         ids_ptr,  # [T, TOP_K] int32 out
                          E, stride_t,
-                         TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                         TOP_K: tl.constexpr, BLOCK_TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
                          RENORMALIZE: tl.constexpr):
+    # map program ids: one token, all its E logits
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < E
+    # softmax in fp32
     x = tl.load(logits_ptr + t * stride_t + offs, mask=valid, other=float("-inf")).to(tl.float32)
     x = x - tl.max(x, axis=0)
     ex = tl.where(valid, tl.exp(x), 0.0)
     p = ex / tl.sum(ex, axis=0)
     # padded lanes can never be picked (-1 < any probability)
     p = tl.where(valid, p, -1.0)
-    # the K winners collect in registers and are stored once (no store-then-reload)
-    offs_k = tl.arange(0, BLOCK_K)
-    top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
-    top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for k in tl.static_range(TOP_K):
+    # loop over the choices: the TOP_K winners collect in registers and are stored once
+    offs_choice = tl.arange(0, BLOCK_TOP_K)
+    top_w = tl.zeros([BLOCK_TOP_K], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_TOP_K], dtype=tl.int32)
+    for choice in tl.static_range(TOP_K):
         m = tl.max(p, axis=0)
         # min(..., E - 1): a NaN row matches nothing; it still yields an in-range id (and a NaN
         # weight), never an expert past the weight tensor
         idx = tl.minimum(tl.min(tl.where(p == m, offs, BLOCK_E), axis=0), E - 1)
-        top_w = tl.where(offs_k == k, m, top_w)
-        top_i = tl.where(offs_k == k, idx, top_i)
+        top_w = tl.where(offs_choice == choice, m, top_w)
+        top_i = tl.where(offs_choice == choice, idx, top_i)
         p = tl.where(offs == idx, -2.0, p)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, axis=0)
-    kmask = offs_k < TOP_K
-    tl.store(weights_ptr + t * TOP_K + offs_k, top_w, mask=kmask)
-    tl.store(ids_ptr + t * TOP_K + offs_k, top_i, mask=kmask)
+    # write back
+    chosen = offs_choice < TOP_K
+    tl.store(weights_ptr + t * TOP_K + offs_choice, top_w, mask=chosen)
+    tl.store(ids_ptr + t * TOP_K + offs_choice, top_i, mask=chosen)
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool = False,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights fp32 [T, K], ids int32 [T, K]); one Triton launch.
+    """Router logits [T, E] -> (weights fp32 [T, TOP_K], ids int32 [T, TOP_K]); one Triton launch.
 
-    ``out``: optional preallocated contiguous (weights fp32 [T, K], ids int32 [T, K]).
+    ``out``: optional preallocated contiguous (weights fp32 [T, TOP_K], ids int32 [T, TOP_K]).
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise MoEInputError(
@@ -84,8 +87,8 @@ def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool = False,
     if t == 0:
         return weights, ids
     block_e = max(triton.next_power_of_2(n_exp), 16)
-    _topk_softmax_kernel[(t,)](logits, weights, ids, n_exp, logits.stride(0),
-                               TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=block_e,
+    _topk_softmax_kernel[(t,)](logits_ptr=logits, weights_ptr=weights, ids_ptr=ids, E=n_exp, stride_t=logits.stride(0),
+                               TOP_K=top_k, BLOCK_TOP_K=triton.next_power_of_2(top_k), BLOCK_E=block_e,
                                RENORMALIZE=renormalize,
                                num_warps=1 if block_e <= 128 else 4)
     return weights, ids
@@ -93,14 +96,14 @@ def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool = False,
 
 @dataclass
 class ExpertGrouping:
-    """(token, k) pairs grouped by expert, for the grouped kernels. Pair p = token * K + k."""
+    """(token, choice) pairs grouped by expert, for the grouped kernels. Pair p = token * TOP_K + choice."""
 
-    sorted_pairs: torch.Tensor  # [T*K] int32, pairs in expert order (stable)
+    sorted_pairs: torch.Tensor  # [T * TOP_K] int32, pairs in expert order (stable)
     counts: torch.Tensor  # [E] int32, pairs per expert
     offsets: torch.Tensor  # [E + 1] int32, start of each expert in sorted_pairs
-    block_expert: torch.Tensor  # [MB] int32, expert of each block (E: unused block)
-    block_row0: torch.Tensor  # [MB] int32, first row of the block in sorted_pairs
-    block_row_end: torch.Tensor  # [MB] int32, end (exclusive) of the block's expert rows
+    block_expert: torch.Tensor  # [blocks] int32, expert of each block (E: unused block)
+    block_row0: torch.Tensor  # [blocks] int32, first row of the block in sorted_pairs
+    block_row_end: torch.Tensor  # [blocks] int32, end (exclusive) of the block's expert rows
     block_m: int
 
     @property
@@ -109,8 +112,8 @@ class ExpertGrouping:
 
 
 def group_by_expert(ids: torch.Tensor, n_experts: int, block_m: int) -> ExpertGrouping:
-    """ids [T, K] -> ExpertGrouping with blocks of ``block_m`` rows; no host sync."""
-    flat = ids.reshape(-1).to(torch.int64)  # [T*K]
+    """ids [T, TOP_K] -> ExpertGrouping with blocks of ``block_m`` rows; no host sync."""
+    flat = ids.reshape(-1).to(torch.int64)  # [T * TOP_K]
     n_pairs = flat.numel()
     dev = ids.device
     sorted_ids, order = torch.sort(flat, stable=True)
@@ -121,7 +124,7 @@ def group_by_expert(ids: torch.Tensor, n_experts: int, block_m: int) -> ExpertGr
     block_end = torch.cumsum(blocks_per, 0)  # [E], inclusive
     max_blocks = (n_pairs + block_m - 1) // block_m + min(n_experts, n_pairs)
     b = torch.arange(max_blocks, device=dev, dtype=torch.int64)
-    block_expert = torch.searchsorted(block_end, b, right=True)  # [MB], E past the last block
+    block_expert = torch.searchsorted(block_end, b, right=True)  # [blocks], E past the last block
     e_c = block_expert.clamp(max=n_experts - 1)
     first_block = block_end[e_c] - blocks_per[e_c]
     used = block_expert < n_experts

@@ -115,8 +115,9 @@ class DecodeStep:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # safe to share: each step's logits are consumed before the next replay
-        with torch.cuda.graph(graph, pool=self._pool):
+        # safe to share: each step's logits are consumed before the next replay; captured on the
+        # warm-up's stream, where the kernels made what they keep (e.g. the down kernel's counters)
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
             logits = self._step(*key)
         self.graphs[key] = (graph, logits)
 

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molmoe_lite.kernels.availability import use_kernels
 from molmoe_lite.kernels.fused_moe import moe_experts
 from molmoe_lite.model.decoder import DenseExperts
 from molmoe_lite.quantize.format import QuantFormatError, QuantizedWeight, quantize_weight
@@ -424,9 +425,7 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     torch reference elsewhere.
     """
     w13, w2 = _lazy_weights(self)
-    use = getattr(self, "molmoe_lite_use_kernels", None)
-    if use is None:
-        use = hidden_states.is_cuda
+    use = use_kernels(hidden_states, getattr(self, "molmoe_lite_use_kernels", None))
     return moe_experts(hidden_states, top_k_weights, top_k_index, w13, w2, use_kernels=use)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from molmoe_lite.kernels.availability import use_kernels
 from molmoe_lite.kernels.fused_moe import moe_experts, quantized_linear, topk_softmax
 from molmoe_lite.kernels.reference import route
 from molmoe_lite.quantize.format import QuantizedWeight, quantize_weight, resolve_group_size
@@ -66,7 +67,8 @@ class QuantizedExperts(nn.Module):
     """All experts of one MoE layer, quantised; ``forward(h [T,H], weights [T,K], ids [T,K]) -> [T,H]``.
 
     ``use_kernels``: None runs the Triton kernels on CUDA and the reference elsewhere;
-    True forces the kernels (tests run them on the CPU under TRITON_INTERPRET=1).
+    True forces the kernels (tests run them on the CPU under TRITON_INTERPRET=1), see
+    ``molmoe_lite.kernels.availability.use_kernels``.
     """
 
     def __init__(self, n_experts: int, d: int, hidden: int, bits: int, group_size: int | None, device=None):
@@ -90,14 +92,13 @@ class QuantizedExperts(nn.Module):
         logits in their dtype and writes what the expert kernels read (fp32 weights, int32
         ids): torch's softmax, top-k and casts would be four or five small launches per layer
         in every decode step. MoE blocks call this when their experts module has it."""
-        use = self.use_kernels if self.use_kernels is not None else logits.is_cuda
-        if use:
+        if use_kernels(logits, self.use_kernels):
             return topk_softmax(logits.contiguous(), top_k, renormalize)
         return route(logits, top_k, renormalize)
 
     def forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        use = self.use_kernels if self.use_kernels is not None else h.is_cuda
-        return moe_experts(h, weights, ids, self.w13.weight(), self.w2.weight(), use_kernels=use)
+        return moe_experts(h, weights, ids, self.w13.weight(), self.w2.weight(),
+                           use_kernels=use_kernels(h, self.use_kernels))
 
 
 class QuantizedLinear(QuantizedTensor):
@@ -112,9 +113,9 @@ class QuantizedLinear(QuantizedTensor):
         self.use_kernels: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
-        use = self.use_kernels if self.use_kernels is not None else x.is_cuda
         flat = x.reshape(-1, self.in_features)
-        y = quantized_linear(flat, self.weight(), use_kernels=use).view(*x.shape[:-1], self.out_features)
+        y = quantized_linear(flat, self.weight(), use_kernels=use_kernels(x, self.use_kernels))
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @classmethod

@@ -351,6 +351,37 @@ def test_sweep_decode_candidates_and_best(monkeypatch):
     assert best == [{**recs[1], "shipped_us": 9.0}]
 
 
+def test_sweep_decode_writes_the_chosen_launches_per_device(tmp_path, monkeypatch):
+    """Per kernel, the launch with the least total time over every (bits, T) case it was measured
+    at; a launch missing a case is not compared; the file is what the runtime reads."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import sweep_decode
+
+    from molmoe_lite.kernels import configs
+
+    def rec(kernel, bits, t, bn, us, split=None):
+        return {"kernel": kernel, "bits": bits, "T": t, "BLOCK_N": bn, "BLOCK_K": 4096 // bn, "num_warps": 4,
+                "num_stages": 2, "EXPERT_SPLIT": split, "us": us, "shipped": False}
+
+    recs = [rec("down_decode", b, t, 8, 10.0, split=1) for b in (4, 8) for t in (1, 4)]
+    recs += [rec("down_decode", b, t, 4, 9.0, split=2) for b in (4, 8) for t in (1, 4)]  # fastest overall
+    recs += [rec("down_decode", 4, 1, 16, 1.0, split=1)]  # fastest once, but measured at one case only
+    recs += [rec("gate_up_decode", 4, 1, 16, 5.0), rec("gate_up_decode", 4, 1, 32, 6.0),
+             {**rec("gate_up_decode", 4, 1, 8, None), "error": "no compile"}]
+    table = sweep_decode.chosen_table(recs)
+    assert table == {"down_decode": {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2,
+                                     "EXPERT_SPLIT": 2, "fill_sms": 0},
+                     "gate_up_decode": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2,
+                                        "fill_sms": 0}}
+    path = sweep_decode.write_launch_config(recs, tmp_path, "NVIDIA Test GPU", 90)
+    assert path == tmp_path / "nvidia-test-gpu.json"
+    record = json.loads(path.read_text())
+    assert record["device"] == "NVIDIA Test GPU" and record["capability"] == 90
+    assert record["measured"]["when"] and record["measured"]["where"]
+    assert configs.read_measured(path) == table
+    assert sweep_decode.write_launch_config([rec("down_decode", 4, 1, 8, None)], tmp_path, "X", 90) is None
+
+
 # ---------------------------------------------------------------------------------------
 # targets.py
 # ---------------------------------------------------------------------------------------

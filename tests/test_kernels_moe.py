@@ -21,7 +21,8 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from molmoe_lite.kernels.fused_moe import fused_moe, kernels_available, quantized_linear  # noqa: E402
-from molmoe_lite.kernels.reference import MoEInputError, moe_reference, route  # noqa: E402
+from molmoe_lite.kernels.checks import MoEInputError  # noqa: E402
+from molmoe_lite.kernels.reference import moe_reference, route  # noqa: E402
 from molmoe_lite.quantize.format import quantize_weight  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""The fused RMSNorm (+ RoPE) kernel against the torch code it replaces (molmoe_lite.model.layers).
+"""The fused RMSNorm kernels (plain, add + norm, + RoPE, + RoPE into the cache) against the torch code it replaces (molmoe_lite.model.layers).
 
 On CPU the kernel runs under Triton's interpreter (fp32 and fp16); bf16 runs on CUDA only.
 The kernel sums in another order than torch, so outputs agree to a rounding: relative error
@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from molmoe_lite.kernels.fused_moe import kernels_available  # noqa: E402
+from molmoe_lite.kernels.availability import kernels_available  # noqa: E402
 from molmoe_lite.model.layers import RMSNorm, apply_rope, rope_cos_sin  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,11 +96,23 @@ def test_rms_norm_with_rope_matches_torch(heads, length, dtype):
     assert rel_err(got, ref) <= TOL[dtype]
 
 
-def test_decoder_through_the_fused_norms(tiny_model):
-    """Every RMSNorm of the tiny model fused (interpreted): the same logits as the torch path."""
+@pytest.fixture
+def kernel_model(tiny_model, tiny_release):
+    """The tiny model where the kernels run: the shared CPU one under the interpreter, a CUDA
+    copy on a GPU machine (compiled kernels take no CPU tensors)."""
+    if DEVICE.type == "cpu":
+        return tiny_model
+    from molmoe_lite import load
+
+    return load(tiny_release, device=DEVICE, dtype="float32")
+
+
+def test_decoder_through_the_fused_norms(kernel_model):
+    """Every RMSNorm of the tiny model fused: the same logits as the torch path."""
     from molmoe_lite.model.layers import RMSNorm as Norm
 
-    ids = torch.tensor([[5, 9, 3, 7, 1]])
+    tiny_model = kernel_model
+    ids = torch.tensor([[5, 9, 3, 7, 1]], device=DEVICE)
     norms = [m for m in tiny_model.modules() if isinstance(m, Norm)]
     with torch.no_grad():
         try:
@@ -116,17 +128,18 @@ def test_decoder_through_the_fused_norms(tiny_model):
     assert rel_err(got, ref) <= 1e-5
 
 
-def test_static_decode_through_the_fused_kernels(tiny_model, monkeypatch):
+def test_static_decode_through_the_fused_kernels(kernel_model, monkeypatch):
     """Decode steps with the fused norms, keys and values written to their cache slot by the
     k-norm kernel: the same logits and cache contents as the torch path."""
     import molmoe_lite.kernels.norms as norms_module
     from molmoe_lite.fast_decode import StaticDecoder
     from molmoe_lite.model.layers import RMSNorm as Norm
 
+    tiny_model = kernel_model
     calls = []
     to_cache = norms_module.rms_norm_rope_to_cache
     monkeypatch.setattr(norms_module, "rms_norm_rope_to_cache", lambda *a: calls.append(1) or to_cache(*a))
-    ids, extra = torch.tensor([[5, 9, 3, 7, 1]]), [11, 4, 8]
+    ids, extra = torch.tensor([[5, 9, 3, 7, 1]], device=DEVICE), [11, 4, 8]
     norms = [m for m in tiny_model.modules() if isinstance(m, Norm)]
 
     def decode(fused: bool):
@@ -135,7 +148,7 @@ def test_static_decode_through_the_fused_kernels(tiny_model, monkeypatch):
         cache = tiny_model.new_cache(1, 12)
         tiny_model(ids, attention_mask=ids != -1, cache=cache, logits_at="last")
         dec = StaticDecoder(tiny_model, cache, ids != -1)
-        logits = torch.stack([dec.step(torch.tensor([t])).clone()[0] for t in extra])
+        logits = torch.stack([dec.step(torch.tensor([t], device=DEVICE)).clone()[0] for t in extra])
         return logits, cache.k.clone(), cache.v.clone()
 
     try:

@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from molmoe_lite.kernels.fused_moe import kernels_available  # noqa: E402
-from molmoe_lite.kernels.reference import MoEInputError, route  # noqa: E402
+from molmoe_lite.kernels.checks import MoEInputError  # noqa: E402
+from molmoe_lite.kernels.reference import route  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not kernels_available(DEVICE), reason="triton unavailable")

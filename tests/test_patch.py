@@ -3,7 +3,8 @@
 Models: a tiny random transformers ``OlmoeForCausalLM`` (fused 3-D experts), our tiny MolmoE
 (``DenseExperts``), and a stand-in of the release's remote-code block (router + plain expert
 list + Python loop, returning (hidden, router_logits)). Everything runs on the CPU through the
-torch reference, except one test that forces the Triton kernels (under TRITON_INTERPRET=1).
+torch reference, except the tests that force the Triton kernels (under TRITON_INTERPRET=1, or
+on the GPU where there is one).
 
 Bounds, relative Frobenius error of all logits vs the float model (measured on these seeds):
 HF int8 0.0032 / int4 0.054 (top-1 agreement 1.0 / 0.97); MolmoE int8 0.0034 / int4 0.051
@@ -35,6 +36,8 @@ from molmoe_lite.quantized import QuantizedExperts
 BOUNDS = {8: (1e-2, 0.95), 4: (0.15, 0.85)}  # bits -> (max relative logit error, min top-1 agreement)
 BLOCK_BOUNDS = {8: 2e-2, 4: 0.2}  # bits -> max relative error of one MoE block's output
 BITS = pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+# where the tests that force the Triton kernels run: the CPU under the interpreter, else the GPU
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -426,22 +429,30 @@ def test_patch_twice_and_bad_bits():
 # ---------------------------------------------------------------------------------------
 # The Triton kernels (interpreted on the CPU) inside a patched model
 # ---------------------------------------------------------------------------------------
+def _set_kernels(modules, setting):
+    for mod in modules:
+        mod.use_kernels = setting
+
+
 def test_patched_hf_model_through_kernels():
     """use_kernels=True vs the torch reference on the same patched model: decode (T=3, GEMV path)
-    and prefill (T=12, grouped path). fp32: relative error <= 1e-3 (measured ~2e-7)."""
+    and prefill (T=12, grouped path). fp32: relative error <= 1e-3 (measured ~2e-7). On a GPU
+    machine the model runs there (compiled kernels take no CPU tensors)."""
     m = tiny_olmoe()
     molmoe_lite.patch(m, bits=4)
+    m.to(KERNEL_DEVICE)
     experts = [mod for mod in m.modules() if isinstance(mod, QuantizedExperts)]
-    for seq in (3, 12):
-        ids = hf_ids(seq)[:1]
-        with torch.no_grad():
-            ref = m(ids).logits
-            for mod in experts:
-                mod.use_kernels = True
-            out = m(ids).logits
-            for mod in experts:
-                mod.use_kernels = None
-        assert rel_err(out, ref) <= 1e-3, f"T={seq}: kernels differ from the reference by {rel_err(out, ref):.2e}"
+    try:
+        for seq in (3, 12):
+            ids = hf_ids(seq)[:1].to(KERNEL_DEVICE)
+            with torch.no_grad():
+                _set_kernels(experts, False)
+                ref = m(ids).logits
+                _set_kernels(experts, True)
+                out = m(ids).logits
+            assert rel_err(out, ref) <= 1e-3, f"T={seq}: kernels differ from the reference by {rel_err(out, ref):.2e}"
+    finally:
+        _set_kernels(experts, None)
 
 
 @pytest.mark.parametrize("variant", ["molmoe", "release-renormalised"])
@@ -460,25 +471,28 @@ def test_quantised_blocks_route_with_the_fused_kernel(variant, tiny_release, mon
     fused_topk = quantized.topk_softmax
     monkeypatch.setattr(quantized, "topk_softmax", counting)
     if variant == "molmoe":
-        m = molmoe_lite.load(tiny_release, device="cpu", dtype="float32", quantize="int4")
+        m = molmoe_lite.load(tiny_release, device=KERNEL_DEVICE, dtype="float32", quantize="int4")
         inputs = [molmoe_ids()[:, :3], molmoe_ids()[:, :12]]
         run = lambda x: m(x)  # noqa: E731
     else:
         torch.manual_seed(0)
         m = StandInDecoder(norm_topk_prob=True).eval()
         molmoe_lite.patch(m, bits=4)
+        m.to(KERNEL_DEVICE)
         inputs = [torch.randn(1, t, 64, generator=torch.Generator().manual_seed(t)) for t in (3, 12)]
         run = lambda x: m(x)[0]  # noqa: E731
     experts = [mod for mod in m.modules() if isinstance(mod, QuantizedExperts)]
     for x in inputs:
-        with torch.no_grad():
-            ref = run(x)
-            assert not calls  # the reference path routes in torch
-            for mod in experts:
-                mod.use_kernels = True
-            out = run(x)
-            for mod in experts:
-                mod.use_kernels = None
+        x = x.to(KERNEL_DEVICE)
+        try:
+            with torch.no_grad():
+                _set_kernels(experts, False)
+                ref = run(x)
+                assert not calls  # the reference path routes in torch
+                _set_kernels(experts, True)
+                out = run(x)
+        finally:
+            _set_kernels(experts, None)
         assert len(calls) == len(experts), "every quantised block should route through the kernel"
         calls.clear()
         assert rel_err(out, ref) <= 1e-3, f"T={x.shape[1]}: {rel_err(out, ref):.2e}"

@@ -20,15 +20,12 @@ from torch import nn
 
 
 def use_fused_kernels(flag: bool | None, x: torch.Tensor) -> bool:
-    """A module's ``use_kernels`` setting for input x: True/False as set; None means the Triton
-    kernels on CUDA (when they are available) and the torch code elsewhere."""
-    if flag is not None:
-        return flag
-    if not x.is_cuda:
-        return False
-    from molmoe_lite.kernels.fused_moe import kernels_available
+    """A module's ``use_kernels`` setting for input x, decided by the package's one rule
+    (``molmoe_lite.kernels.availability.use_kernels``): None means the Triton kernels on CUDA
+    and the torch code elsewhere; True forces them (an error where they cannot run)."""
+    from molmoe_lite.kernels.availability import use_kernels
 
-    return kernels_available(x.device)
+    return use_kernels(x, flag)
 
 
 class RMSNorm(nn.Module):
