@@ -56,7 +56,7 @@ class Case:
     e: int  # experts
     h: int  # hidden
     i: int  # expert hidden
-    k: int  # top-k
+    top_k: int  # TOP_K, experts chosen per token
     g4: int  # int4 group size
     g8: int | None  # int8 group size (None: per output channel)
     routing: str = "random"  # random | one_expert | some_empty
@@ -65,9 +65,9 @@ class Case:
 CASES = {
     "T1": Case(1, 8, 64, 32, 2, 32, None),  # single decode token
     "T_lt_block": Case(5, 8, 64, 32, 2, 32, None),  # fewer pairs than one 16-row block
-    "odd_sizes": Case(5, 6, 96, 64, 3, 32, None),  # E, K, T, H not powers of 2; int8 G = 96 has a K tail
-    "top1": Case(6, 4, 64, 32, 1, 32, None),  # K = 1
-    "topE": Case(3, 4, 64, 32, 4, 32, None),  # K = E: every expert for every token
+    "odd_sizes": Case(5, 6, 96, 64, 3, 32, None),  # E, TOP_K, T, H not powers of 2; int8 G = 96 has a K tail
+    "top1": Case(6, 4, 64, 32, 1, 32, None),  # TOP_K = 1
+    "topE": Case(3, 4, 64, 32, 4, 32, None),  # TOP_K = E: every expert for every token
     "one_expert": Case(24, 8, 64, 32, 1, 64, None, "one_expert"),  # all tokens to one expert: 2 blocks
     "some_empty": Case(10, 8, 64, 32, 2, 32, 32, "some_empty"),  # 5 of 8 experts get no token
     "g64": Case(4, 4, 128, 64, 2, 64, 64),
@@ -108,14 +108,14 @@ def test_expert_kernels_match_reference(path, case, bits, dtype):
     from molmoe_lite.kernels import moe_gemv, moe_grouped, routing
 
     x, logits, w13, w2, _ = make_problem(case, bits, dtype)
-    weights, ids = route(logits, case.k)
+    weights, ids = route(logits, case.top_k)
     if case.routing == "some_empty":
         assert len(torch.unique(ids)) == 3  # the edge case really has empty experts
     ref = moe_reference(x.float(), weights, ids, w13, w2)
     ids32 = ids.to(torch.int32)
-    t, k = ids.shape
+    t, top_k = ids.shape
     # every intermediate and output buffer is NaN-poisoned: a skipped element shows up
-    act = nan_like((t * k, case.i), dtype)
+    act = nan_like((t * top_k, case.i), dtype)
     out = nan_like((t, case.h), dtype)
     if path == "decode":
         moe_gemv.gate_up_gemv(x, ids32, w13, SMALL["gate_up_decode"], out=act)
@@ -123,9 +123,9 @@ def test_expert_kernels_match_reference(path, case, bits, dtype):
         moe_gemv.down_gemv(act, weights, ids32, w2, dtype, SMALL["down_decode"], out=out)
     else:
         grouping = routing.group_by_expert(ids32, case.e, SMALL["gate_up_grouped"]["BLOCK_M"])
-        moe_grouped.gate_up_grouped(x, grouping, k, w13, SMALL["gate_up_grouped"], out=act)
+        moe_grouped.gate_up_grouped(x, grouping, top_k, w13, SMALL["gate_up_grouped"], out=act)
         assert not act.isnan().any(), "gate_up_grouped left act elements unwritten"
-        work = nan_like((t * k, case.h), dtype)
+        work = nan_like((t * top_k, case.h), dtype)
         out = moe_grouped.down_grouped(act, weights, grouping, w2, dtype, SMALL["down_grouped"], workspace=work)
     assert out.dtype == dtype and out.shape == (t, case.h)
     assert not out.isnan().any(), f"{path}: output has NaN (unwritten elements)"
@@ -133,7 +133,7 @@ def test_expert_kernels_match_reference(path, case, bits, dtype):
     assert err <= TOL[dtype], f"{path} int{bits} {dtype}: relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
-SPLIT_CASES = ["T1", "odd_sizes", "topE"]  # K = 2, 3, 4; top-1 never splits (expert_split caps at K)
+SPLIT_CASES = ["T1", "odd_sizes", "topE"]  # TOP_K = 2, 3, 4; top-1 never splits (expert_split caps at TOP_K)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -147,7 +147,7 @@ def test_down_decode_split_over_experts(case_name, split, bits, dtype):
 
     case = CASES[case_name]
     x, logits, w13, w2, _ = make_problem(case, bits, dtype)
-    weights, ids = route(logits, case.k)
+    weights, ids = route(logits, case.top_k)
     ref = moe_reference(x.float(), weights, ids, w13, w2)
     ids32 = ids.to(torch.int32)
     act = moe_gemv.gate_up_gemv(x, ids32, w13, SMALL["gate_up_decode"])
@@ -259,11 +259,11 @@ def test_reference_matches_dense_loop():
     # the oracle itself, against the plainest possible per-token, per-choice loop
     case = Case(5, 6, 64, 32, 3, 32, None)
     x, logits, w13, w2, _ = make_problem(case, 4, torch.float32, seed=3)
-    weights, ids = route(logits, case.k, renormalize=True)
+    weights, ids = route(logits, case.top_k, renormalize=True)
     d13, d2 = w13.dequantize().to(DEVICE), w2.dequantize().to(DEVICE)
     expect = torch.zeros(case.t, case.h, device=DEVICE)
     for t in range(case.t):
-        for j in range(case.k):
+        for j in range(case.top_k):
             e = int(ids[t, j])
             gate, up = d13[e, : case.i] @ x[t], d13[e, case.i :] @ x[t]
             expect[t] += weights[t, j] * (d2[e] @ (F.silu(gate) * up))
@@ -276,11 +276,11 @@ def test_quantised_close_to_float(bits, bound):
     # loose, bounded: quantisation error of the whole MoE output vs float weights
     case = Case(16, 8, 128, 64, 2, 64, None)
     x, logits, w13, w2, (f13, f2) = make_problem(case, bits, torch.float32, seed=4)
-    weights, ids = route(logits, case.k)
-    out = fused_moe(x, logits, w13, w2, top_k=case.k)
+    weights, ids = route(logits, case.top_k)
+    out = fused_moe(x, logits, w13, w2, top_k=case.top_k)
     f13, f2 = f13.to(DEVICE), f2.to(DEVICE)
     dense = torch.zeros_like(x)
-    for j in range(case.k):
+    for j in range(case.top_k):
         e = ids[:, j]
         gu = torch.einsum("th,tnh->tn", x, f13[e])
         act = F.silu(gu[:, : case.i]) * gu[:, case.i :]
