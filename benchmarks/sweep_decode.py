@@ -73,7 +73,8 @@ def _expert_bytes(qw) -> int:
 
 def sweep(args) -> list[dict]:
     from molmoe_lite.kernels.configs import get_config
-    from molmoe_lite.kernels.moe_gemv import decode_tiles, device_sms, down_gemv, expert_split, gate_up_gemv
+    from molmoe_lite.kernels.launch import device_sms
+    from molmoe_lite.kernels.moe_gemv import decode_tiles, down_gemv, expert_split, gate_up_gemv
 
     cuda = torch.cuda.is_available() and not args.smoke
     dev = torch.device("cuda" if cuda else "cpu")

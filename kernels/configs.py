@@ -175,22 +175,21 @@ def _resolved(cap: int, name: str | None, env_value: str) -> dict:
     return table
 
 
-def device_arch(device: torch.device | None = None) -> int:
-    """Compute capability as an int (86 for sm_86); 80 off CUDA (the interpreter path)."""
-    if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return 80
+@functools.lru_cache(maxsize=None)
+def _cuda_identity(index: int) -> tuple[int, str]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor, torch.cuda.get_device_name(index)
 
 
-def device_name(device: torch.device | None = None) -> str | None:
-    """The CUDA device's name (``NVIDIA H200``); None off CUDA."""
+def device_identity(device: torch.device | None = None) -> tuple[int, str | None]:
+    """(compute capability as an int, 86 for sm_86; the GPU's name) of a CUDA device; off CUDA
+    (the interpreter path) (80, None)."""
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(device)
-    return None
+        return _cuda_identity(device.index if device.index is not None else torch.cuda.current_device())
+    return 80, None
 
 
 def get_config(device: torch.device | None = None) -> dict:
     """The launch table for ``device``: the architecture's, the measured file for the device's
     name over it, then MOLMOE_LITE_KERNEL_CONFIG."""
-    return _resolved(device_arch(device), device_name(device), os.environ.get(ENV_VAR, ""))
+    return _resolved(*device_identity(device), os.environ.get(ENV_VAR, ""))

@@ -82,3 +82,20 @@ def test_package_ships_only_valid_measured_files():
         assert path.name == configs.device_file_name(record["device"])
         assert {"when", "where"} <= set(record["measured"])
         configs.read_measured(path)
+
+
+def test_get_config_on_a_gpu_reads_its_measured_file(shipped, monkeypatch):
+    """The running GPU's name and capability (mocked) pick the measured file and the arch table."""
+    import torch
+
+    configs._cuda_identity.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA Test GPU")
+    try:
+        table = configs.get_config(torch.device("cuda"))
+    finally:
+        configs._cuda_identity.cache_clear()
+    assert table["down_decode"]["EXPERT_SPLIT"] == 2
+    assert table["gate_up_grouped"] == configs.CONFIGS[86]["gate_up_grouped"]
