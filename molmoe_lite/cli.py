@@ -3,8 +3,9 @@
 Subcommands: ``run`` (answer a prompt about images, streaming), ``quantize``
 (release checkpoint -> compact int4/int8 checkpoint), ``inspect`` (what a checkpoint
 holds and the GPU memory it needs), ``compare`` (float vs quantised logits on a
-user's image), ``batch`` (a folder or JSONL/CSV of images into a resumable JSONL), ``demo`` (the offline tiny-model demo). Errors we can explain (bad paths, bad images, bad
-checkpoints, bad configs: every ``MolmoeLiteError``, and OS errors on the user's files) print one
+user's image), ``batch`` (a folder or JSONL/CSV of images into a resumable JSONL), ``demo``
+(the offline tiny-model demo), ``serve`` (an OpenAI-compatible HTTP server and a web page,
+``molmoe_lite.serve``). Errors we can explain (bad paths, bad images, bad checkpoints, bad configs: every ``MolmoeLiteError``, and OS errors on the user's files) print one
 line naming the problem and exit with status 2 (``--debug`` shows the traceback instead); anything
 else is a bug, shown with its traceback and a request to report it (status 1).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from typing import Callable
@@ -27,6 +29,7 @@ EPILOG = """examples:
   molmoe-lite run ./MolmoE-1B-0924 --image cat.jpg "Describe this image."
   molmoe-lite run allenai/MolmoE-1B-0924 --image cat.jpg "Point to the cat."
   molmoe-lite batch ./molmoe-int4 ./photos --out captions.jsonl --batch-size 8
+  molmoe-lite serve ./molmoe-int4 --port 8000
 """
 
 
@@ -153,7 +156,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--float", action="store_true", help="run the float checkpoint instead of its int4 conversion")
     _add_generation_args(demo, 24)
     demo.set_defaults(func=cmd_demo)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    srv = sub.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API, with a web page at /",
+        description="Serve MODEL at http://HOST:PORT: POST /v1/chat/completions (OpenAI's schema, streaming, "
+        "images as data URLs), GET /v1/models, GET /health, and a web page at /. Concurrent requests are "
+        "batched. Needs the serve extra: pip install 'molmoe-lite[serve]'.",
+    )
+    srv.add_argument("model", metavar="MODEL", help="checkpoint folder, or a hub id")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; another one "
+                     "without --api-key prints a warning)")
+    srv.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    srv.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (default %(default)s)")
+    srv.add_argument("--max-context", type=int, default=None, metavar="N",
+                     help="KV-cache slots per request: prompt + answer (default: the model's maximum)")
+    srv.add_argument("--max-queue", type=int, default=64, metavar="N",
+                     help="requests waiting for a slot before new ones get 429 (default %(default)s)")
+    srv.add_argument("--api-key", default=os.environ.get("MOLMOE_LITE_API_KEY"), metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $MOLMOE_LITE_API_KEY, else none)")
+    srv.add_argument("--allow-files", default=None, metavar="DIR",
+                     help="let requests name image files inside DIR (default: data URLs only)")
+    srv.add_argument("--max-body-mb", type=float, default=20.0, metavar="MB", help="largest request body (default %(default)s)")
+    srv.add_argument("--model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
+    srv.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
+    srv.add_argument("--preset", choices=["default", "small"], default="default", help="small: least GPU memory")
+    _add_device_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from molmoe_lite.serve.server import ServeOptions, serve
+
+    keys = ("model", "host", "port", "max_batch", "max_context", "max_queue", "api_key", "allow_files",
+            "max_body_mb", "model_name", "quantize", "preset", "device", "dtype")
+    return serve(ServeOptions(**{k: getattr(args, k) for k in keys}))
 
 
 def _stream(model, images, args) -> str:
