@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from molmoe_lite.engine import ContextLengthError, EngineFullError
 from molmoe_lite.errors import MolmoeLiteError
 from molmoe_lite.serve import errors, page
 from molmoe_lite.serve.bridge import HandleStream
@@ -69,6 +71,13 @@ class ServeState:
         self.load_error: BaseException | None = None
         self.on_load_error: Callable[[BaseException], None] | None = None  # the runner stops the server
         self.ready = threading.Event()
+        self.created = 0
+        self.finished: Counter[str] = Counter()  # requests by how they ended, for /health
+        self._count_lock = threading.Lock()
+
+    def count_finished(self, reason: str) -> None:
+        with self._count_lock:
+            self.finished[reason] += 1
 
     def load(self) -> None:
         try:
@@ -141,7 +150,11 @@ class Guard:
 async def health(request: Request) -> Response:
     state: ServeState = request.app.state.serve
     if state.ready.is_set():
-        return JSONResponse({"status": "ok", "model": state.config.model_name})
+        engine = state.loaded.engine
+        with state._count_lock:
+            finished = dict(state.finished)
+        return JSONResponse({"status": "ok", "model": state.config.model_name, "running": engine.running,
+                             "waiting": engine.waiting, "finished": finished})
     if state.load_error is not None:
         return JSONResponse({"status": "error", "error": str(state.load_error)}, status_code=503)
     return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
@@ -170,7 +183,7 @@ async def chat_completions(request: Request) -> Response:
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise errors.bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     req = parse_chat_request(body)
     if req.model != config.model_name:
@@ -178,8 +191,6 @@ async def chat_completions(request: Request) -> Response:
     loaded = state.require()
     inputs, image_size = await asyncio.to_thread(_prepare_inputs, loaded, req, config.image_limits)
     settings = _sampling_settings(req, inputs, loaded, config)
-    from molmoe_lite.engine import ContextLengthError, EngineFullError
-
     try:
         handle = loaded.engine.submit(inputs, settings)
     except EngineFullError as exc:
@@ -187,7 +198,7 @@ async def chat_completions(request: Request) -> Response:
     except ContextLengthError as exc:
         raise errors.bad_request(str(exc), param="messages", code="context_length_exceeded") from None
     reply = Reply(model=config.model_name, image_size=image_size)
-    stream = HandleStream(handle)
+    stream = HandleStream(handle, on_finish=state.count_finished)
     if req.stream:
         return EventStream(_events(stream, reply, req), on_disconnect=stream.cancel)
     return await _whole_answer(request, stream, reply, req)
@@ -238,6 +249,8 @@ async def _whole_answer(request: Request, stream: HandleStream, reply: Reply, re
         async for piece in stream:
             parts.append(trimmer.feed(piece))
         parts.append(trimmer.finish())
+    except MolmoeLiteError as exc:  # the engine failed this request (its memory, its inputs)
+        raise errors.internal(f"generation failed: {exc}") from None
     finally:
         watcher.cancel()
     c = stream.completion

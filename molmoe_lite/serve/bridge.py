@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Callable
 
 
 class HandleStream:
     """``async for piece in HandleStream(handle)``; then ``.completion`` holds the result."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, on_finish: Callable[[str], None] | None = None) -> None:
         self.handle = handle
+        self.on_finish = on_finish  # called in the thread with the finish reason ("error" if it failed)
         self.completion: Any = None
         self.finished = False
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -36,9 +37,14 @@ class HandleStream:
         try:
             for piece in self.handle.stream():
                 self._put(("piece", piece))
-            self._put(("done", self.handle.result()))
+            completion = self.handle.result()
+            reason = completion.finish_reason
+            self._put(("done", completion))
         except BaseException as exc:  # forwarded to the request, which answers with an error
+            reason = "error"
             self._put(("error", exc))
+        if self.on_finish is not None:
+            self.on_finish(reason)
 
     async def __aiter__(self) -> AsyncIterator[str]:
         while True:

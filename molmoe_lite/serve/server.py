@@ -68,6 +68,8 @@ def build(options: ServeOptions):
 
     if options.max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {options.max_batch}")
+    if options.max_queue < 1:
+        raise UsageError(f"--max-queue must be at least 1, got {options.max_queue}")
     if options.max_context is not None and options.max_context < 2:
         raise UsageError(f"--max-context must be at least 2, got {options.max_context}")
     if options.max_body_mb <= 0:
