@@ -183,6 +183,8 @@ def _add_serve_parser(sub) -> None:
                      help="let requests name image files inside DIR (default: data URLs only)")
     srv.add_argument("--max-body-mb", type=float, default=20.0, metavar="MB", help="largest request body (default %(default)s)")
     srv.add_argument("--model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
+    srv.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                     help="on SIGINT/SIGTERM, seconds running requests get to finish (default %(default)s)")
     srv.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
     srv.add_argument("--preset", choices=["default", "small"], default="default", help="small: least GPU memory")
     _add_device_args(srv)
@@ -193,7 +195,7 @@ def cmd_serve(args) -> int:
     from molmoe_lite.serve.server import ServeOptions, serve
 
     keys = ("model", "host", "port", "max_batch", "max_context", "max_queue", "api_key", "allow_files",
-            "max_body_mb", "model_name", "quantize", "preset", "device", "dtype")
+            "max_body_mb", "model_name", "shutdown_timeout", "quantize", "preset", "device", "dtype")
     return serve(ServeOptions(**{k: getattr(args, k) for k in keys}))
 
 

@@ -39,3 +39,23 @@ def tiny_model(tiny_release):
     from molmoe_lite import load
 
     return load(tiny_release, device="cpu", dtype="float32")
+
+
+# ---- the HTTP server (molmoe-lite serve) --------------------------------------------------
+SERVE_MODEL = "tiny"
+SERVE_CONTEXT = 768
+
+
+@pytest.fixture(scope="session")
+def serve_server(tiny_release, tmp_path_factory):
+    """``molmoe-lite serve`` on the tiny release, a real process on a loopback port (shared)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    from molmoe_lite.testing.server_process import ServerProcess
+
+    server = ServerProcess.start(
+        tiny_release, "--model-name", SERVE_MODEL, "--max-batch", "4", "--max-context", str(SERVE_CONTEXT),
+        "--max-body-mb", "1", log_dir=tmp_path_factory.mktemp("serve-logs"),
+    ).wait_ready()
+    yield server
+    assert server.stop() == 0, server.log()

@@ -325,8 +325,22 @@ class EventStream:
             if not gone.is_set():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the connection broke while sending
-            self.on_disconnect()
+            pass
+        except asyncio.CancelledError:
+            # the server is shutting down and the grace period is over: end the stream
+            # properly (an error event, then [DONE]) so the client is not left with a cut body
+            if not gone.is_set():
+                with contextlib.suppress(Exception):
+                    ending = errors.APIError(503, "the server shut down before the answer was complete",
+                                             type="server_error", code="server_shutdown")
+                    for event in (sse(ending.body()), sse("[DONE]")):
+                        await send({"type": "http.response.body", "body": event, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            raise
         finally:
+            # however it ended (done, client gone, cancelled by a shutdown), the row is given back;
+            # a no-op for a request that finished
+            self.on_disconnect()
             listener.cancel()
             with contextlib.suppress(Exception):
                 await self.events.aclose()
