@@ -75,9 +75,10 @@ class ServeState:
         self.finished: Counter[str] = Counter()  # requests by how they ended, for /health
         self._count_lock = threading.Lock()
 
-    def count_finished(self, reason: str) -> None:
+    def count_finished(self, reason: str, request_id: str) -> None:
         with self._count_lock:
             self.finished[reason] += 1
+        log.info("%s ended: %s", request_id, reason)
 
     def load(self) -> None:
         try:
@@ -191,14 +192,16 @@ async def chat_completions(request: Request) -> Response:
     loaded = state.require()
     inputs, image_size = await asyncio.to_thread(_prepare_inputs, loaded, req, config.image_limits)
     settings = _sampling_settings(req, inputs, loaded, config)
+    reply = Reply(model=config.model_name, image_size=image_size)
     try:
         handle = loaded.engine.submit(inputs, settings)
     except EngineFullError as exc:
         raise errors.busy(config.retry_after_s, f"the server is busy (its request queue is full): {exc}") from None
     except ContextLengthError as exc:
         raise errors.bad_request(str(exc), param="messages", code="context_length_exceeded") from None
-    reply = Reply(model=config.model_name, image_size=image_size)
-    stream = HandleStream(handle, on_finish=state.count_finished)
+    log.info("%s: %d prompt tokens, up to %d new", reply.id, int(inputs["input_ids"].numel()),
+             settings.max_new_tokens)
+    stream = HandleStream(handle, on_finish=lambda reason: state.count_finished(reason, reply.id))
     if req.stream:
         return EventStream(_events(stream, reply, req), on_disconnect=stream.cancel)
     return await _whole_answer(request, stream, reply, req)

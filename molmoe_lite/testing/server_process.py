@@ -43,13 +43,14 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
 
     @classmethod
-    def start(cls, model_dir: str | Path, *args: str, log_dir: str | Path | None = None,
-              env: dict[str, str] | None = None) -> "ServerProcess":
+    def start(cls, model_dir: str | Path, *args: str, device: str | None = "cpu", dtype: str | None = "float32",
+              log_dir: str | Path | None = None, env: dict[str, str] | None = None) -> "ServerProcess":
+        """Start serving ``model_dir`` (on the CPU in float32 unless told otherwise; None: the CLI's default)."""
         port = free_port()
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="molmoe-serve-"))
         log_path = log_dir / f"server-{port}.log"
-        cmd = [sys.executable, "-m", "molmoe_lite.cli", "serve", str(model_dir), "--port", str(port),
-               "--device", "cpu", "--dtype", "float32", *args]
+        cmd = [sys.executable, "-m", "molmoe_lite.cli", "serve", str(model_dir), "--port", str(port), *args]
+        cmd += (["--device", device] if device else []) + (["--dtype", dtype] if dtype else [])
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         return cls(proc, port, log_path)
