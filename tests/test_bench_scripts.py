@@ -8,7 +8,8 @@ gpu_check.py: the env, bandwidth and tests-summary stages; sweep_decode.py:
 its launch path on tiny shapes under the interpreter and the choice of the best candidate;
 targets.py: each target judged pass / fail / missing from synthetic records; gpu_check.sh: its
 worst-case time, a limit on every command, the archive it leaves, and the pytest behaviour on
-an interrupt its test stages rely on.
+an interrupt its test stages rely on; bench_serve.py: one flat record per concurrency
+from a real server on the tiny model.
 """
 
 import json
@@ -447,3 +448,23 @@ def test_targets_on_an_empty_folder_says_missing_never_pass(tmp_path, monkeypatc
     (tmp_path / "tests_summary.json").write_text(json.dumps({"tests": 100, "failures": 0, "errors": 0,
                                                              "device": "NVIDIA H200", "interrupted": True}))
     assert targets.judge(tmp_path)["targets"][0]["status"] == "missing"
+
+
+# ---------------------------------------------------------------------------------------
+# bench_serve.py
+# ---------------------------------------------------------------------------------------
+def test_bench_serve_prints_one_flat_record_per_concurrency(tmp_path):
+    pytest.importorskip("openai")
+    pytest.importorskip("starlette")
+    out = tmp_path / "serve.jsonl"
+    res = _run([BENCH / "bench_serve.py", "--concurrency", "1,3", "--requests", "1", "--max-tokens", "2",
+                "--max-context", "512", "--out", out], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert printed == _records(out)
+    assert [r["concurrency"] for r in printed] == [1, 3] and [r["requests"] for r in printed] == [1, 3]
+    for r in printed:
+        assert all(not isinstance(v, (dict, list)) for v in r.values())  # flat
+        assert 1 <= r["completion_tokens"] <= 2 * r["requests"]
+        assert r["tokens_per_s"] > 0 and 0 < r["latency_p50_s"] <= r["latency_p99_s"]
+    assert printed[0]["speedup_vs_1"] == 1.0
