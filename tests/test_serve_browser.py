@@ -70,6 +70,18 @@ def test_page_streams_an_answer_about_an_uploaded_image(serve_server, tiny_model
     assert "prompt tokens" in browser.find_element(By.ID, "usage").text
     assert not browser.find_element(By.ID, "error").is_displayed()
 
+    # a pointing answer's last chunk: the page lists the points and draws them on the image
+    count_red = ("const d = document.getElementById('canvas').getContext('2d').getImageData(150, 110, 21, 21).data;"
+                 "let n = 0; for (let i = 0; i < d.length; i += 4) {"
+                 "  if (d[i] > 200 && d[i + 1] < 90 && d[i + 2] < 100) n++; } return n;")
+    before = browser.execute_script(count_red)
+    browser.execute_script(
+        "handleEvent(arguments[0], document.getElementById('answer'))",
+        '{"choices": [{"index": 0, "delta": {"points": [{"x": 160.0, "y": 120.0, "label": "centre"}]}, '
+        '"finish_reason": "stop"}]}')
+    assert browser.find_element(By.ID, "points").text == "centre: (160.0, 120.0) px"
+    assert browser.execute_script(count_red) >= before + 15  # the red marker around (160, 120)
+
     shot = Path(tmp_path) / "serve_page.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")

@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from molmoe_lite.engine import ContextLengthError, EngineFullError
 from molmoe_lite.errors import MolmoeLiteError
+from molmoe_lite.sampling import SamplingSettings
 from molmoe_lite.serve import errors, page
 from molmoe_lite.serve.bridge import HandleStream
 from molmoe_lite.serve.image_urls import ImageLimits, read_image
@@ -218,8 +219,6 @@ def _prepare_inputs(loaded: Loaded, req: ChatRequest, limits: ImageLimits):
 
 
 def _sampling_settings(req: ChatRequest, inputs: dict, loaded: Loaded, config: ServeConfig):
-    from molmoe_lite.generation import SamplingSettings
-
     prompt = int(inputs["input_ids"].numel())
     room = loaded.max_context - prompt
     wanted = req.max_tokens
