@@ -13,7 +13,7 @@ the torch code in ``molmoe_lite/model/layers.py``:
 
 Kernels: ``_rms_norm_kernel`` (plain), ``_add_rms_norm_kernel`` (the residual add, then the
 norm), ``_rms_norm_rope_kernel`` (QK-norm + RoPE) and ``_rms_norm_rope_to_cache_kernel`` (the
-same for one decode step's keys, written with the values into their KV-cache slot); they share
+same for one decode step's keys, written with the values into each row's own KV-cache slot); they share
 their math through the jit helpers below. Sums run in another order than torch's, so results
 agree to rounding, not bit for bit. rotate_half pairs element d of a head with d +- D/2: the
 partner is loaded a second time from memory (an L1 hit) instead of shuffled in registers.
@@ -137,17 +137,18 @@ def _rms_norm_rope_to_cache_kernel(k_ptr,  # [B, N] one step's keys, row stride 
                                    cos_ptr, sin_ptr,  # fp32 [B, HEAD_DIM]
                                    v_ptr,  # [B, N] one step's values, row stride stride_v
                                    k_cache_ptr, v_cache_ptr,  # [B, N / HEAD_DIM, max_len, HEAD_DIM]
-                                   pos_ptr,  # [1] int64 the slot to write
+                                   pos_ptr,  # [B] int64: the slot each row writes
                                    N, stride_k, stride_v, max_len, eps,
                                    PROD: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     # map program ids: one batch row
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
-    # pointers and math: the keys normed and rotated; each head's element goes to slot pos
+    # pointers and math: the keys normed and rotated (the row's angles are those of its own
+    # position); each head's element goes to the row's own slot
     y = _normed_rotated(k_ptr + row * stride_k, w_ptr, cos_ptr + row * HEAD_DIM, sin_ptr + row * HEAD_DIM,
                         cols, ok, N=N, eps=eps, PROD=PROD, OUT_DTYPE=k_cache_ptr.dtype.element_ty, HEAD_DIM=HEAD_DIM)
-    pos = tl.load(pos_ptr)
+    pos = tl.load(pos_ptr + row)
     slot = ((row * (N // HEAD_DIM) + cols // HEAD_DIM) * max_len + pos) * HEAD_DIM + cols % HEAD_DIM
     # write back: keys and the values beside them
     tl.store(k_cache_ptr + slot, y.to(k_cache_ptr.dtype.element_ty), mask=ok)
@@ -173,10 +174,12 @@ def _angles(t: torch.Tensor, n_rows: int) -> torch.Tensor:
 def rms_norm_rope_to_cache(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, eps: float,
                            cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            pos: torch.Tensor) -> None:
-    """One decode step's keys and values into their cache slot, in one launch: k [B, 1, N]
-    normed and rotated (as ``rms_norm(k, ..., rope=(cos, sin))`` in the cache's dtype), v
-    [B, 1, N] copied; caches [B, N/D, max_len, D] contiguous, ``pos`` a device tensor [1]
-    (graph-capturable: no Python int from the device)."""
+    """One decode step's keys and values into each row's cache slot, in one launch: k [B, 1, N]
+    normed and rotated (as ``rms_norm(k, ..., rope=(cos, sin))`` in the cache's dtype; cos, sin
+    [B, 1, D] the angles of each row's own position), v [B, 1, N] copied; caches
+    [B, N/D, max_len, D] contiguous. ``pos`` is a device tensor [B] int64, row b's slot
+    (graph-capturable: no Python int from the device; slots are not range-checked, as
+    ``index_put_`` on a GPU does not check them either)."""
     n = k.shape[-1]
     rows, v_rows = _rows(k, n), _rows(v, n)
     B, heads, max_len, head_dim = k_cache.shape
@@ -185,6 +188,10 @@ def rms_norm_rope_to_cache(k: torch.Tensor, v: torch.Tensor, weight: torch.Tenso
                          f"cache {tuple(k_cache.shape)}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("rms_norm_rope_to_cache: the caches must be contiguous")
+    if pos.dtype != torch.int64 or tuple(pos.shape) != (B,):
+        raise ValueError(f"rms_norm_rope_to_cache: pos must be int64 [B] = [{B}], one slot per row; "
+                         f"got {pos.dtype} {tuple(pos.shape)}")
+    pos = pos.contiguous()  # an expanded shared slot (stride 0) becomes B copies: the kernel reads pos + row
     prod = torch.promote_types(k.dtype, weight.dtype)
     _rms_norm_rope_to_cache_kernel[(B,)](
         k_ptr=rows, w_ptr=weight, cos_ptr=_angles(cos, B), sin_ptr=_angles(sin, B), v_ptr=v_rows,

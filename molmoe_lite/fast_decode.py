@@ -55,7 +55,7 @@ class DecodeStep:
     lives elsewhere, ``embed_in_step`` False), ``slots[:n]`` (the slot each row writes) and
     ``key_mask`` (True = a real key; the step marks each row's slot itself). ``run`` returns
     logits [n, vocab] (a buffer reused by the next step). With graphs, ``n`` and ``kv_len``
-    should be bucket values: one graph per (n, kv_len, shared slot) is captured.
+    should be bucket values: one graph per (n, kv_len) is captured.
     """
 
     def __init__(self, model, cache, use_graph: bool | None = None, slot_bucket: int = 256):
@@ -76,7 +76,7 @@ class DecodeStep:
             log.info("decode runs without a CUDA graph: %s", reason)
         # shapes from buckets (what graphs need); an eager step may use them too, to compare
         self.bucketed = self.use_graph
-        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # one memory pool shared by every graph
 
     @property
@@ -91,18 +91,17 @@ class DecodeStep:
         else:
             self.embeds[:n].copy_(self.model.model.transformer.embed(tokens.view(-1, 1), check=False))
 
-    def _step(self, n: int, kv_len: int, shared_slot: bool) -> torch.Tensor:
+    def _step(self, n: int, kv_len: int) -> torch.Tensor:
         """The captured work: mark each row's slot real, run the step, project to logits."""
         transformer = self.model.model.transformer
         slots, key_mask = self.slots[:n], self.key_mask[:n]
         key_mask.scatter_(1, slots[:, None], True)
         embeds = transformer.embed(self.tokens[:n], check=False) if self.embed_in_step else self.embeds[:n]
         positions = real_positions(key_mask, slots, kv_len)  # [n, 1]
-        hidden = transformer.run(embeds, positions, key_mask[:, :kv_len], self.cache.rows(0, n), slots,
-                                 shared_slot)
+        hidden = transformer.run(embeds, positions, key_mask[:, :kv_len], self.cache.rows(0, n), slots)
         return self.model.logits(hidden)[:, -1]  # [n, vocab]
 
-    def _capture(self, key: tuple[int, int, bool]) -> None:
+    def _capture(self, key: tuple[int, int]) -> None:
         if not self.graphs:
             log.info("compiling kernels and capturing the decode step in a CUDA graph (first step only)")
         stream = torch.cuda.Stream()
@@ -121,7 +120,7 @@ class DecodeStep:
             logits = self._step(*key)
         self.graphs[key] = (graph, logits)
 
-    def _graph_for(self, key: tuple[int, int, bool]):
+    def _graph_for(self, key: tuple[int, int]):
         """The captured graph for ``key``, capturing it first; None when capture is off or failed."""
         if self.use_graph and key not in self.graphs:
             try:
@@ -146,9 +145,9 @@ class DecodeStep:
         return row_bucket(highest, self.cache.batch) if self.bucketed else highest
 
     @torch.inference_mode()
-    def run(self, n: int, kv_len: int, shared_slot: bool = False) -> torch.Tensor:
+    def run(self, n: int, kv_len: int) -> torch.Tensor:
         """The step over the first n rows, reading kv_len slots; logits [n, vocab]."""
-        key = (n, kv_len, shared_slot or n == 1)
+        key = (n, kv_len)
         captured = self._graph_for(key)
         if captured is None:
             return self._step(*key)
@@ -180,7 +179,7 @@ class StaticDecoder(DecodeStep):
             raise UsageError(f"KV cache full: {self.cache.length} of {self.cache.max_len} slots used")
         n = self.cache.batch
         self.set_tokens(n, tokens)
-        logits = self.run(n, self.kv_len(self.cache.length + 1), shared_slot=True)
+        logits = self.run(n, self.kv_len(self.cache.length + 1))
         self.slots += 1
         self.cache.length += 1
         return logits

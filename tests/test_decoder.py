@@ -512,8 +512,7 @@ def test_rows_at_different_lengths_decode_together_as_each_alone(tiny, lengths):
             kv_len = int(slots.max()) + 1
             tokens = torch.stack([seq[n + s] for seq, n in zip(seqs, lengths)])[:, None]  # [B, 1]
             key_mask = torch.ones(B, kv_len, dtype=torch.bool)
-            decoded.append(model.run(model.embed(tokens), slots[:, None], key_mask, cache, slots,
-                                     shared_slot=len(set(lengths)) == 1))
+            decoded.append(model.run(model.embed(tokens), slots[:, None], key_mask, cache, slots))
             slots = slots + 1
     decoded = torch.cat(decoded, dim=1)  # [B, steps, d]
     for b, (seq, n) in enumerate(zip(seqs, lengths)):

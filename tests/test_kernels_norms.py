@@ -96,6 +96,70 @@ def test_rms_norm_with_rope_matches_torch(heads, length, dtype):
     assert rel_err(got, ref) <= TOL[dtype]
 
 
+# slot of each row in a cache of MAX_LEN slots, and each row's rotary position (padding puts a
+# row's position below its slot)
+MAX_LEN = 8
+SLOTS = {
+    "rows_at_different_slots": ([0, 5, 2], [0, 3, 2]),
+    "first_and_last_slot": ([MAX_LEN - 1, 0], [MAX_LEN - 1, 0]),
+    "rows_sharing_a_slot": ([4, 4, 4], [4, 1, 3]),
+    "one_row_at_the_last_slot": ([MAX_LEN - 1], [5]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("slots,positions", SLOTS.values(), ids=SLOTS.keys())
+def test_rope_to_cache_writes_each_row_at_its_own_slot(slots, positions, dtype):
+    """One decode step's keys (normed, rotated at the row's own position) and values into a
+    NaN-poisoned cache by the fused kernel, against the torch path (norm, RoPE, index writes):
+    each row's slot holds its keys and values, every other slot stays untouched."""
+    from molmoe_lite.model.decoder import KVCache
+
+    B, H, D = len(slots), 2, 16
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(B, 1, H * D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, 1, H * D, generator=g).to(DEVICE, dtype)
+    cos, sin = rope_cos_sin(torch.tensor(positions, device=DEVICE)[:, None], D, 10000.0)  # [B, 1, D]
+    slot_ids = torch.tensor(slots, device=DEVICE)
+    norm = make_norm(H * D, torch.float32, seed=8)
+    caches = {}
+    for fused in (False, True):
+        cache = KVCache(n_layers=1, batch=B, n_heads=H, max_len=MAX_LEN, head_dim=D, dtype=dtype, device=DEVICE)
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
+        norm.use_kernels = fused
+        with torch.no_grad():
+            if fused:
+                assert norm.rope_to_cache(k, v, cos, sin, cache.k[0], cache.v[0], slot_ids)
+            else:
+                assert not norm.rope_to_cache(k, v, cos, sin, cache.k[0], cache.v[0], slot_ids)
+                keys = norm.rope(k, cos, sin, H, dtype)  # [B, H, 1, D]
+                cache.write(0, keys, v.view(B, 1, H, D).transpose(1, 2), slot_ids)
+        caches[fused] = cache
+    ref, got = caches[False], caches[True]
+    written = torch.zeros(B, MAX_LEN, dtype=torch.bool, device=DEVICE)
+    written[torch.arange(B, device=DEVICE), slot_ids] = True
+    for name in ("k", "v"):
+        touched = ~getattr(got, name)[0].isnan().permute(0, 2, 1, 3).all(-1).all(-1)  # [B, MAX_LEN]
+        assert torch.equal(touched, written), f"{name}: slots written other than each row's own"
+    for b, slot in enumerate(slots):
+        assert rel_err(got.k[0, b, :, slot], ref.k[0, b, :, slot]) <= TOL[dtype], f"row {b} keys"
+        assert torch.equal(got.v[0, b, :, slot], ref.v[0, b, :, slot]), f"row {b} values"
+
+
+def test_rope_to_cache_wants_one_slot_per_row():
+    """A single slot for a batch of rows is refused (the kernel reads one slot per row)."""
+    from molmoe_lite.kernels.norms import rms_norm_rope_to_cache
+
+    B, H, D = 2, 1, 16
+    k = v = torch.zeros(B, 1, H * D, device=DEVICE)
+    cos = sin = torch.zeros(B, 1, D, device=DEVICE)
+    cache = torch.zeros(B, H, 4, D, device=DEVICE)
+    with pytest.raises(ValueError, match="one slot per row"):
+        rms_norm_rope_to_cache(k, v, torch.ones(H * D, device=DEVICE), 1e-5, cos, sin, cache, cache.clone(),
+                               torch.zeros(1, dtype=torch.long, device=DEVICE))
+
+
 @pytest.fixture
 def kernel_model(tiny_model, tiny_release):
     """The tiny model where the kernels run: the shared CPU one under the interpreter, a CUDA
@@ -160,6 +224,56 @@ def test_static_decode_through_the_fused_kernels(kernel_model, monkeypatch):
     assert len(calls) == len(extra) * tiny_model.config.n_layers
     assert rel_err(got[0], ref[0]) <= 1e-5
     # keys and values of every layer and step (they differ by the roundings upstream)
+    assert rel_err(got[1], ref[1]) <= 1e-6 and rel_err(got[2], ref[2]) <= 1e-6
+
+
+def test_batched_decode_step_with_rows_at_different_slots_through_the_fused_kernels(kernel_model, monkeypatch):
+    """The engine's decode step (``DecodeStep``) over rows prefilled to different lengths, one with
+    a padded key (its position below its slot): with the fused norms, each layer's keys and values
+    are written by the one fused launch at each row's own slot, and the logits and cache equal the
+    torch path's."""
+    import molmoe_lite.kernels.norms as norms_module
+    from molmoe_lite.fast_decode import DecodeStep
+    from molmoe_lite.model.layers import RMSNorm as Norm
+
+    tiny_model = kernel_model
+    calls = []
+    to_cache = norms_module.rms_norm_rope_to_cache
+    monkeypatch.setattr(norms_module, "rms_norm_rope_to_cache", lambda *a: calls.append(1) or to_cache(*a))
+    prompts = [[5, 9, 3, 7, 1], [4, 2], [8, 6, 12, 3]]
+    steps = [[11, 4, 8], [7, 13, 2]]
+    norms = [m for m in tiny_model.modules() if isinstance(m, Norm)]
+
+    def decode(fused: bool):
+        for m in norms:
+            m.use_kernels = fused
+        cache = tiny_model.new_cache(len(prompts), 12)
+        for b, p in enumerate(prompts):
+            ids = torch.tensor([p], device=DEVICE)
+            tiny_model(ids, attention_mask=ids != -1, cache=cache.rows(b, b + 1), logits_at="last")
+        step = DecodeStep(tiny_model, cache, use_graph=False)
+        lengths = torch.tensor([len(p) for p in prompts], device=DEVICE)
+        for b, n in enumerate(lengths.tolist()):
+            step.key_mask[b, :n] = True
+        step.key_mask[2, 0] = False  # a padded key: row 2's positions run one below its slots
+        logits = []
+        for tokens in steps:
+            step.set_tokens(len(prompts), torch.tensor(tokens, device=DEVICE))
+            step.slots.copy_(lengths)
+            logits.append(step.run(len(prompts), int(lengths.max()) + 1).clone())
+            lengths += 1
+        return torch.stack(logits), cache.k.clone(), cache.v.clone()
+
+    try:
+        with torch.no_grad():
+            ref = decode(False)
+            assert not calls
+            got = decode(True)
+    finally:
+        for m in norms:
+            m.use_kernels = None
+    assert len(calls) == len(steps) * tiny_model.config.n_layers
+    assert not got[0].isnan().any() and rel_err(got[0], ref[0]) <= 1e-5
     assert rel_err(got[1], ref[1]) <= 1e-6 and rel_err(got[2], ref[2]) <= 1e-6
 
 

@@ -169,7 +169,6 @@ class StepInputs:
     bias: torch.Tensor  # [B, 1, L, S] compute dtype
     cache: KVCache | None = None  # None: attend over the new tokens only, store nothing
     slots: torch.Tensor | None = None  # [B] long: the first slot each row writes
-    one_slot: torch.Tensor | None = None  # [1] long: the slot every row writes, when they share it
 
     @property
     def n_keys(self) -> int:
@@ -212,9 +211,9 @@ class Attention(nn.Module):
         B, L, _ = k.shape
         KV, D = self.n_kv_heads, self.head_dim
         cache, layer = inputs.cache, self.layer_idx
-        if cache is not None and inputs.one_slot is not None and self.k_norm.rope_to_cache(
-                k, v, inputs.cos, inputs.sin, cache.k[layer], cache.v[layer], inputs.one_slot):
-            pass  # one token per row at a shared slot, fused: normed, rotated and stored in one launch
+        if cache is not None and self.k_norm.rope_to_cache(
+                k, v, inputs.cos, inputs.sin, cache.k[layer], cache.v[layer], inputs.slots):
+            pass  # one token per row, fused: normed, rotated and stored at each row's slot in one launch
         else:
             k = self.k_norm.rope(k, inputs.cos, inputs.sin, KV, self.compute_dtype)  # [B, KV, L, D]
             v = v.view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
@@ -418,7 +417,7 @@ class Transformer(nn.Module):
         slots = None
         if cache is not None:
             slots = torch.full((B,), cache.length, dtype=torch.long, device=inputs_embeds.device)
-        hidden = self.run(inputs_embeds, position_ids, key_mask, cache, slots, shared_slot=True)
+        hidden = self.run(inputs_embeds, position_ids, key_mask, cache, slots)
         if cache is not None:
             cache.length += L
         return hidden
@@ -430,18 +429,19 @@ class Transformer(nn.Module):
         key_mask: torch.Tensor,  # [B, S] bool: True = a real key; S keys are read
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,  # [B] long: row b writes slots[b] .. slots[b] + L - 1
-        shared_slot: bool = False,  # every row writes the same slot (lets a fused write serve them)
     ) -> torch.Tensor:  # [B, L, d] after ln_f, compute dtype
         """The one forward: prefill, eager decode step and the captured decode step. No host sync
-        (what a CUDA graph captures); no checks (``forward`` checks its callers' inputs)."""
-        inputs = self.step_inputs(position_ids, key_mask, cache, slots, shared_slot)
+        (what a CUDA graph captures); no checks (``forward`` checks its callers' inputs). With the
+        fused kernels, a step of one token per row writes each layer's keys and values in one
+        launch (the k-norm's), each row at its own slot."""
+        inputs = self.step_inputs(position_ids, key_mask, cache, slots)
         x, moe_out = inputs_embeds.to(self.residual_dtype), None
         for block in self.blocks:
             x, moe_out = block(x, moe_out, inputs)
         return self.ln_f.add_forward(x, moe_out, self.compute_dtype)[1]
 
     def step_inputs(self, position_ids: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None,
-                    slots: torch.Tensor | None, shared_slot: bool) -> StepInputs:
+                    slots: torch.Tensor | None) -> StepInputs:
         """Rotary angles (looked up in a per-cache table when there is a cache), the attention
         bias, and where the keys go."""
         if cache is None:
@@ -450,8 +450,7 @@ class Transformer(nn.Module):
             cos_table, sin_table = self._rope_tables(cache.max_len, position_ids.device)
             cos, sin = cos_table[position_ids], sin_table[position_ids]  # [B, L, D]
         bias = attention_bias(key_mask, slots, position_ids.shape[1], self.compute_dtype)
-        one_slot = slots[:1] if slots is not None and (shared_slot or slots.shape[0] == 1) else None
-        return StepInputs(cos, sin, bias, cache, slots, one_slot)
+        return StepInputs(cos, sin, bias, cache, slots)
 
     def _rope_tables(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [n, D] for positions 0..n-1, made once per (n, device): a step then looks its
@@ -478,7 +477,7 @@ class Transformer(nn.Module):
         B = inputs_embeds.shape[0]
         slots = cache_pos.expand(B)
         return self.run(inputs_embeds, real_positions(key_mask, slots, kv_len), key_mask[:, :kv_len], cache,
-                        slots, shared_slot=True)
+                        slots)
 
 
 def real_positions(key_mask: torch.Tensor, slots: torch.Tensor, kv_len: int | None) -> torch.Tensor:

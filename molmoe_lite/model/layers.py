@@ -70,15 +70,16 @@ class RMSNorm(nn.Module):
         return x, self(x, out_dtype)
 
     def rope_to_cache(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> bool:
-        """Fused path only: one step's k [B, 1, N] normed and rotated, and v [B, 1, N], written
-        into their slot ``pos`` of the caches [B, N/D, max_len, D] in one launch. Returns False
-        (and does nothing) where the torch code runs instead."""
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> bool:
+        """Fused path only: one step's k [B, 1, N] normed and rotated (cos, sin [B, 1, D]: each
+        row's own position), and v [B, 1, N], written into row b's slot ``slots[b]`` ([B] long)
+        of the caches [B, N/D, max_len, D] in one launch. Returns False (and does nothing) where
+        the torch code runs instead."""
         if not self._fused(k) or k.shape[1] != 1:
             return False
         from molmoe_lite.kernels.norms import rms_norm_rope_to_cache
 
-        rms_norm_rope_to_cache(k, v, self.weight, self.eps, cos, sin, k_cache, v_cache, pos)
+        rms_norm_rope_to_cache(k, v, self.weight, self.eps, cos, sin, k_cache, v_cache, slots)
         return True
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
