@@ -177,7 +177,7 @@ def load(
     from molmoe_lite.processor import Processor
 
     folder = resolve_model(path)
-    config = MolmoeConfig.from_pretrained(folder)
+    config = MolmoeConfig.from_checkpoint(folder)  # sizes checked against the tensors, before building
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     quant = _quantization(config, folder, quantize)

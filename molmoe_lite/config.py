@@ -15,13 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from molmoe_lite.quantize.checkpoint import read_json_object
+from molmoe_lite.quantize.checkpoint import open_checkpoint, read_json_object
+from molmoe_lite.quantize.config_check import ConfigError, check_config, check_values
 from molmoe_lite.quantize.layout import expert_hidden_size
-from molmoe_lite.errors import MolmoeLiteError
 
-
-class ConfigError(MolmoeLiteError, ValueError):
-    """A config.json that is missing, unreadable, or asks for something we do not implement."""
+__all__ = ["ConfigError", "MolmoeConfig", "VisionConfig", "read_config_json"]
 
 
 # field -> the only value(s) this implementation supports (release values listed first).
@@ -149,38 +147,31 @@ class MolmoeConfig:
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MolmoeConfig":
-        """Build from the release's config.json fields; unsupported values raise ConfigError."""
+    def from_dict(cls, d: dict[str, Any], where: str | Path = "config.json") -> "MolmoeConfig":
+        """Build from the release's config.json fields; unsupported values or sizes out of range
+        raise ConfigError (``where`` names the file in the message)."""
         if d.get("model_type") != "molmo":
             raise ConfigError(
-                f"model_type is {d.get('model_type')!r}, expected 'molmo' (a MolmoE checkpoint)"
+                f"{where}: model_type is {d.get('model_type')!r}, expected 'molmo' (a MolmoE checkpoint)"
             )
         for name in ("d_model", "n_layers", "n_heads", "moe_num_experts", "moe_top_k", "vision_backbone"):
             if name not in d or d[name] is None:
-                raise ConfigError(f"config field {name!r} is missing (needed for a MolmoE-style model)")
+                raise ConfigError(f"{where}: config field {name!r} is missing (needed for a MolmoE-style model)")
         for name, allowed in _SUPPORTED.items():
             if name in d and d[name] not in allowed:
                 raise ConfigError(
-                    f"config field {name}={d[name]!r} is not supported by molmoe-lite "
+                    f"{where}: config field {name}={d[name]!r} is not supported by molmoe-lite "
                     f"(supported: {', '.join(repr(a) for a in allowed if a is not None)})"
                 )
+        check_values(d, where)  # signs, ranges and divisibility, before any size is derived
         d_model = int(d["d_model"])
         n_heads = int(d["n_heads"])
         n_kv_heads = int(d.get("n_kv_heads") or n_heads)
-        if n_kv_heads != n_heads:
-            raise ConfigError(f"n_kv_heads={n_kv_heads} != n_heads={n_heads}: grouped-query attention is not supported")
         head_dim = int(d.get("head_dim") or d_model // n_heads)
-        if head_dim * n_heads != d_model:
-            raise ConfigError(f"head_dim {head_dim} x n_heads {n_heads} != d_model {d_model}")
         hidden = expert_hidden_size(d)
         top_k, n_exp = int(d["moe_top_k"]), int(d["moe_num_experts"])
-        if not 1 <= top_k <= n_exp:
-            raise ConfigError(f"moe_top_k={top_k} must be between 1 and moe_num_experts={n_exp}")
         vit_layers = tuple(int(i) for i in d.get("vit_layers", (-2, -9)))
         vision = VisionConfig.from_dict(d["vision_backbone"] or {})
-        for i in vit_layers:
-            if not -vision.num_layers <= i < vision.num_layers:
-                raise ConfigError(f"vit_layers entry {i} is outside the {vision.num_layers} ViT blocks")
         return cls(
             d_model=d_model,
             n_layers=int(d["n_layers"]),
@@ -210,13 +201,28 @@ class MolmoeConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MolmoeConfig":
         """Read ``config.json`` from a folder (or the file itself)."""
-        return cls.from_dict(read_config_json(path))
+        return cls.from_dict(read_config_json(path), _config_file(path))
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path) -> "MolmoeConfig":
+        """``from_pretrained``, with every size also checked against the checkpoint in ``folder``
+        (tensor headers only, no data read), so that nothing is built from a wrong size."""
+        d = read_config_json(folder)
+        where = _config_file(folder)
+        config = cls.from_dict(d, where)
+        with open_checkpoint(folder, shared_mmap=True) as reader:  # headers only; never written
+            check_config(d, reader, where)
+        return config
+
+
+def _config_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
     """Load a config.json (folder or file) as a dict, with errors that name the file."""
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
+    file = _config_file(path)
     if not file.exists():
         raise ConfigError(f"{file}: no config.json here (is this a MolmoE checkpoint folder?)")
     return read_json_object(file, ConfigError)

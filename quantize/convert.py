@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint, read_json_object, validate
+from molmoe_lite.quantize.config_check import check_against_checkpoint, check_values
 from molmoe_lite.quantize.format import (
     FORMAT_VERSION,
     QuantFormatError,
@@ -444,15 +445,18 @@ def convert(
         raise OutputError(f"{dst_abs}: output folder exists and is not empty (use force to replace it)")
 
     cfg = read_source_config(src)
-    try:
-        shapes = expected_shapes(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConvertError(
-            f"{src / 'config.json'}: cannot derive the tensor layout ({type(e).__name__}: {e})"
-        ) from e
+    check_values(cfg, src / "config.json")
 
     # Shared mapping: a private one of a .bin larger than RAM + swap is refused; never written.
     with open_checkpoint(src, shared_mmap=True) as reader:
+        # sizes against the tensor headers before the layout is derived from them
+        check_against_checkpoint(cfg, reader.keys(), reader.shape, src / "config.json", reader.path.name)
+        try:
+            shapes = expected_shapes(cfg)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConvertError(
+                f"{src / 'config.json'}: cannot derive the tensor layout ({type(e).__name__}: {e})"
+            ) from e
         validate(reader, shapes)
         steps, plan, source_bytes, n_q, n_other = _plan(
             cfg, shapes, reader, bits, group_size, modules, out_dtype

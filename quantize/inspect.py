@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint, read_json_object
+from molmoe_lite.quantize.config_check import check_config
 from molmoe_lite.quantize.layout import LLM_PREFIX, VIT_PREFIX
 from molmoe_lite.errors import UsageError
 
@@ -68,6 +69,8 @@ def inspect_checkpoint(folder: str | Path, context: int = 4096, batch: int = 1) 
 
     kinds = {k: {"tensors": 0, "bytes": 0, "weights": 0, "quantized": False} for k in KINDS}
     with open_checkpoint(folder, shared_mmap=True) as reader:  # headers only; never written
+        if cfg.get("model_type") == "molmo":
+            check_config(cfg, reader, cfg_path)  # before any size from config.json is used
         fmt = reader.format
         for key in reader.keys():
             shape, dtype = reader.shape(key), reader.dtype(key)
