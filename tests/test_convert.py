@@ -21,7 +21,8 @@ from molmoe_lite.quantize import convert as convert_mod
 from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint
 from molmoe_lite.quantize.convert import ConvertError, convert
 from molmoe_lite.quantize.format import QuantFormatError, quantize_weight, tensors_to_quantized
-from molmoe_lite.quantize.inspect import format_report, inspect_checkpoint
+from molmoe_lite.quantize.config_check import ConfigError
+from molmoe_lite.quantize.inspect import format_report, inspect_checkpoint, kv_cache_bytes
 from molmoe_lite.quantize.layout import expected_shapes, expert_hidden_size, expert_key
 from molmoe_lite.quantize.planned_writer import PlannedShardWriter
 from molmoe_lite.quantize.writer import OutputError, ShardedSafetensorsWriter
@@ -402,13 +403,14 @@ def test_inspect_sizes(release, tmp_path):
 
 
 def test_inspect_release_config_kv_cache(real_release_dir, tmp_path):
-    # The real config (16 layers, 16 heads, d_model 2048 -> head_dim 128), with a dummy weights file.
+    # The real config (16 layers, 16 heads, d_model 2048 -> head_dim 128).
+    cfg = json.loads((real_release_dir / "config.json").read_text())
+    assert kv_cache_bytes(cfg, 4096) == 512 * 1024**2  # 16 * 2 * 4096 * 16 * 128 * 2 bytes
+    # with a weights file that does not hold those sizes, inspect refuses to size anything
     shutil.copy(real_release_dir / "config.json", tmp_path / "config.json")
     save_release_checkpoint({"lm_head.weight": torch.zeros(2, 2)}, tmp_path, "safetensors")
-    info = inspect_checkpoint(tmp_path, context=4096)
-    assert info["kv_cache_bytes"] == 512 * 1024**2  # 16 * 2 * 4096 * 16 * 128 * 2 bytes
-    assert info["quantization_config"] is None
-    assert "none" in format_report(info)
+    with pytest.raises(ConfigError, match=r"n_layers=16 but model.safetensors holds 0 decoder blocks"):
+        inspect_checkpoint(tmp_path, context=4096)
 
 
 def test_inspect_missing_config(tmp_path):
