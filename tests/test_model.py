@@ -36,8 +36,25 @@ def test_bin_and_sharded_safetensors_give_identical_logits(tmp_path, tiny_model,
     assert torch.equal(a, b)
 
 
-def test_image_features_change_the_logits(tiny_model, image_inputs):
-    # the features are added at <im_patch> positions: dropping the image must change the text logits
+def test_image_features_are_added_at_their_patch_positions(tiny_model, image_inputs):
+    # the merge written out by hand, index by index: feature (crop c, patch p) is added to the
+    # token embedding at image_input_idx[c, p]; negative indices (dropped patches) add nothing
+    ids, idx = image_inputs["input_ids"], image_inputs["image_input_idx"]
+    with torch.no_grad():
+        feats = tiny_model.model.vision_backbone(image_inputs["images"][None], image_inputs["image_masks"][None])[0]
+        by_hand = tiny_model.model.transformer.embed(ids[None])[0].clone()
+        placed = 0
+        for c in range(idx.shape[0]):
+            for p in range(idx.shape[1]):
+                pos = int(idx[c, p])
+                if pos >= 0:
+                    by_hand[pos] += feats[c, p]
+                    placed += 1
+        merged = tiny_model.embed(ids[None], image_inputs["images"][None], idx[None],
+                                  image_inputs["image_masks"][None])[0]
+    assert placed > 0 and placed == int((ids == tiny_model.processor.tokenizer.convert_tokens_to_ids("<im_patch>")).sum())
+    assert torch.allclose(merged, by_hand, rtol=0, atol=1e-6)
+    # and the forward pass uses exactly that merge: the image changes the logits
     with torch.no_grad():
         with_image = tiny_model(**image_inputs)[0, -1]
         ids_only = tiny_model(image_inputs["input_ids"])[0, -1]
@@ -109,21 +126,36 @@ def test_generate_from_batch_with_the_model_cards_call(tiny_model, image_inputs)
 
 
 def test_generate_text_equals_stream_and_stops_at_max(tiny_model):
+    from transformers import GenerationConfig
+
     image = demo_image()
     text = tiny_model.generate(image, PROMPT, max_new_tokens=10)
     pieces = list(tiny_model.generate(image, PROMPT, max_new_tokens=10, stream=True))
     assert "".join(pieces) == text
     assert all(pieces)
+    # the text is the decode of exactly the first 10 greedy tokens (fewer only at EOS)
+    tok = tiny_model.processor.tokenizer
+    inputs = tiny_model.processor.process(images=image, text=PROMPT)
+    out = tiny_model.generate_from_batch(inputs, GenerationConfig(max_new_tokens=10, eos_token_id=10**9))
+    new = out[0, inputs["input_ids"].numel():].tolist()
+    assert len(new) == 10
+    kept = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    assert text == tok.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def test_text_only_prompt(tiny_model):
-    out = tiny_model.generate(None, "Hello there", max_new_tokens=4)
-    assert isinstance(out, str)
-
-
-def test_sampling_is_seeded(tiny_model):
-    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123)
-    assert tiny_model.generate(None, "Hi", **kw) == tiny_model.generate(None, "Hi", **kw)
+    tok = tiny_model.processor.tokenizer
+    ids = tiny_model.processor.process(images=None, text="Hello there")["input_ids"]
+    assert "<im_patch>" not in tok.decode(ids.tolist(), skip_special_tokens=False)
+    out = []
+    with torch.no_grad():  # greedy by full recomputation, no image
+        for _ in range(4):
+            t = int(tiny_model(torch.cat([ids, torch.tensor(out, dtype=ids.dtype)]))[0, -1].argmax())
+            if t == tok.eos_token_id:
+                break
+            out.append(t)
+    want = tok.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert tiny_model.generate(None, "Hello there", max_new_tokens=4) == want
 
 
 def test_streaming_holds_back_partial_multibyte_characters(tiny_model, monkeypatch):
