@@ -1,0 +1,102 @@
+"""``load()``'s options: quantisation requests, dtype names, defaults, presets on converted folders.
+
+Each test loads the session's tiny release (or its int4 conversion) and checks what the
+caller asked for is what the model holds, or that a wrong request is a one-line error naming
+the option, raised before any weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from molmoe_lite import load
+from molmoe_lite.config import ConfigError
+from molmoe_lite.errors import UsageError
+from molmoe_lite.quantized import QuantizedExperts, QuantizedLinear
+
+
+@pytest.fixture(scope="module")
+def int4_folder(tiny_release, tmp_path_factory):
+    from molmoe_lite.quantize.convert import convert
+
+    out = tmp_path_factory.mktemp("load-options") / "int4"
+    convert(tiny_release, out, bits=4, method="rtn", progress=False)
+    return out
+
+
+def test_quantize_on_an_already_quantised_folder_is_refused(int4_folder):
+    with pytest.raises(UsageError, match="already quantised"):
+        load(int4_folder, device="cpu", quantize="int8")
+
+
+def test_a_foreign_quant_method_is_refused_by_name(int4_folder, tmp_path):
+    folder = tmp_path / "foreign"
+    shutil.copytree(int4_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="quant_method is 'bitsandbytes'"):
+        load(folder, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("float32", torch.float32), ("fp32", torch.float32), ("FP32", torch.float32),
+     ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), ("float16", torch.float16),
+     ("fp16", torch.float16), (torch.bfloat16, torch.bfloat16)],
+    ids=["float32", "fp32", "upper-case", "bfloat16", "bf16", "float16", "fp16", "torch-dtype"],
+)
+def test_dtype_names_and_aliases(tiny_release, name, dtype):
+    model = load(tiny_release, device="cpu", dtype=name)
+    assert model.compute_dtype == dtype
+    assert model.lm_head.weight.dtype == dtype
+    assert model.model.transformer.wte.embedding.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"dtype": "int8"}, "dtype 'int8'"), ({"dtype": "half-ish"}, "dtype 'half-ish'"),
+     ({"quantize": "int3"}, "quantize must be one of"), ({"quantize": "INT4"}, "quantize must be one of"),
+     ({"preset": "tiny"}, "preset must be one of")],
+    ids=["dtype-int8", "dtype-unknown", "quantize-int3", "quantize-upper-case", "preset-unknown"],
+)
+def test_invalid_options_are_usage_errors(tiny_release, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        load(tiny_release, device="cpu", **kwargs)
+
+
+def test_default_device_and_dtype(tiny_release):
+    model = load(tiny_release)
+    if torch.cuda.is_available():
+        assert model.device.type == "cuda"
+        want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        assert model.device.type == "cpu"
+        want = torch.float32
+    assert model.compute_dtype == want and model.lm_head.weight.dtype == want
+
+
+def test_small_preset_on_a_converted_checkpoint(int4_folder):
+    plain = load(int4_folder, device="cpu")
+    small = load(int4_folder, device="cpu", preset="small")
+    for model in (plain, small):
+        assert all(isinstance(b.mlp.experts, QuantizedExperts) for b in model.model.transformer.blocks)
+    # the stored int4 experts are the same tensors either way
+    experts = [k for k in plain.state_dict() if ".mlp.experts." in k]
+    assert experts and all(torch.equal(plain.state_dict()[k], small.state_dict()[k]) for k in experts)
+    # small adds int4 attention and lm_head, int8 ViT, and keeps the token table in CPU memory
+    assert isinstance(small.lm_head, QuantizedLinear) and small.lm_head.bits == 4
+    assert all(isinstance(b.attn.att_proj, QuantizedLinear) for b in small.model.transformer.blocks)
+    assert not isinstance(plain.lm_head, QuantizedLinear)
+    rb = small.model.vision_backbone.image_vit.transformer.resblocks[0]
+    assert isinstance(rb.feed_forward.w1, QuantizedLinear) and rb.feed_forward.w1.bits == 8
+    assert small.model.transformer.wte.embedding.device.type == "cpu"
+    inputs = plain.processor.process(images=None, text="Describe this image.")
+    with torch.no_grad():
+        a, b = plain(**inputs)[0], small(**inputs)[0]
+    # more int4 rounding on top of the stored int4 experts: close, not equal
+    assert 0 < float((b - a).norm() / a.norm()) <= 0.25
