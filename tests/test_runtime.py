@@ -99,6 +99,27 @@ def test_weights_plan_matches_what_load_builds(tiny_release, quantize, preset):
     assert plan["device_bytes"] + plan["cpu_bytes"] == sum(sizes.values())
 
 
+def test_weights_plan_differences_by_hand_from_the_checkpoint(tiny_release):
+    """Independent of the skeleton both plan and load build: the bytes int8 experts save and the
+    bytes the small preset keeps on the CPU, counted from the checkpoint's own tensor shapes."""
+    from molmoe_lite.config import MolmoeConfig
+    from molmoe_lite.quantize.checkpoint import open_checkpoint
+
+    with open_checkpoint(tiny_release) as reader:
+        shapes = {k: reader.shape(k) for k in reader.keys()}
+    experts = [s for k, s in shapes.items() if ".mlp.experts." in k]
+    assert len(experts) == 2 * 8 * 3  # 2 layers, 8 experts, gate/up/down
+    weights = sum(s[0] * s[1] for s in experts)
+    # int8 per output channel: one byte a weight and one fp16 scale a row (gate and up fused)
+    int8 = weights + 2 * sum(s[0] for s in experts)
+    wte = sum(s[0] * s[1] for k, s in shapes.items() if k.startswith("model.transformer.wte."))
+    cfg = MolmoeConfig.from_pretrained(tiny_release)
+    plan = {q: weights_plan(cfg, torch.bfloat16, q) for q in (None, "int8")}
+    assert plan[None]["device_bytes"] - plan["int8"]["device_bytes"] == weights * 2 - int8
+    small = weights_plan(cfg, torch.bfloat16, "int8", "small")
+    assert small["cpu_bytes"] == wte * 2
+
+
 def test_weights_plan_at_full_size_by_hand():
     """The plan's differences between ways of loading, against byte counts written out from the
     release's sizes (architecture doc): 16 layers, 64 experts of 3 x 2048 x 1024, attention
