@@ -52,7 +52,11 @@ def test_run_streams_an_answer_for_an_image_file(tiny_release, tmp_path):
     demo_image().save(img)
     out = _cli("run", str(tiny_release), "--image", str(img), "--max-new-tokens", "4", "Describe this image.")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.endswith("\n")
+    # the streamed answer is the API's answer for the same image file, then one newline
+    from molmoe_lite import load
+
+    model = load(tiny_release, device="cpu")
+    assert out.stdout == model.generate(str(img), "Describe this image.", max_new_tokens=4) + "\n"
 
 
 @pytest.mark.parametrize(

@@ -33,10 +33,10 @@ def image_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def transparent_file(tmp_path_factory) -> Path:
-    # a dark shape on a transparent, white-valued background: composite and drop differ
+    # a dark shape on a transparent background whose hidden colour is black: drop shows black,
+    # composite a light background (contrasting with the shape)
     rgba = np.zeros((200, 300, 4), dtype=np.uint8)
-    rgba[..., :3] = 255
-    rgba[50:150, 80:220] = (20, 30, 40, 255)
+    rgba[50:150, 80:220] = (60, 30, 40, 255)
     path = tmp_path_factory.mktemp("cli-images") / "cutout.png"
     Image.fromarray(rgba, "RGBA").save(path)
     return path
