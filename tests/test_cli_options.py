@@ -60,7 +60,7 @@ def answer(folder, images, tokens=5, load_kw=None, **gen_kw) -> str:
         (["--quantize", "int8"], {"quantize": "int8"}, {}),
         (["--quantize", "int4", "--preset", "small"], {"quantize": "int4", "preset": "small"}, {}),
         (["--dtype", "bfloat16"], {"dtype": "bfloat16"}, {}),
-        (["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"], {}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}),
+        (["--temperature", "0.8", "--top-p", "0.05", "--seed", "3"], {}, {"temperature": 0.8, "top_p": 0.05, "seed": 3}),
         (["--max-context", "1200"], {}, {"max_context": 1200}),
     ],
     ids=["defaults", "quantize-int8", "preset-small", "dtype-bf16", "sampling", "max-context"],
