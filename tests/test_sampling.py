@@ -1,13 +1,14 @@
-"""Sampling draws from the distribution temperature and top_p describe (public API only).
+"""Sampling draws from the distribution temperature and top_p describe.
 
-One prompt repeated over many batch rows gives many independent draws of the first new token
-in a single call (``generate_from_batch`` with ``max_new_tokens=1``). The expected
-distribution is written out here from the model's own logits for that prompt (its plain
-forward pass): ``softmax(logits / T)``, cut to the smallest top set whose mass reaches top_p
-and renormalised. Counts are compared with a chi-square statistic over the most likely tokens
-plus one bucket for the rest; a fixed seed makes each run the same. Each test also shows the
-statistic is far off under the wrong distribution (what a sampler that ignored the setting
-would draw), so the test can fail.
+The expected distribution is written out here from the model's own logits for one prompt
+(its plain forward pass): ``softmax(logits / T)``, cut to the smallest top set whose mass
+reaches top_p and renormalised. Many draws from those logits (``sample_rows``, the sampler
+every decode step uses, one row per draw, seeded through torch's global generator) are
+compared with a chi-square statistic over the most likely tokens plus one bucket for the rest;
+each test also shows the statistic is far off under the wrong distribution (what a sampler
+that ignored the setting would draw), so the test can fail. Through ``generate_from_batch``
+and ``generate`` (each row prefilled alone, so fewer draws): the nucleus is respected, the
+GenerationConfig path equals the keyword path, and seeds repeat.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from molmoe_lite.sampling import SamplingSettings, sample_rows
+
 DRAWS = 3000
 CHI2_LIMIT = 30.0  # chi-square with <= 6 degrees of freedom: p < 1e-4 beyond this
 BUCKETS = 6
+ROWS = 48  # draws through generate_from_batch (one prefill per row)
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +32,19 @@ def prompt(tiny_model):
     return ids, logits
 
 
-def draws(model, ids, seed=0, **kw) -> torch.Tensor:
-    batch = {"input_ids": ids[None].repeat(DRAWS, 1)}
+def draws(logits: torch.Tensor, temperature: float, top_p: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """DRAWS independent tokens from the sampler, one row each."""
+    settings = SamplingSettings(temperature=temperature, top_p=top_p)
+    torch.manual_seed(seed)
+    rows = logits.float().expand(DRAWS, -1).clone()
+    return torch.tensor(sample_rows(rows, [settings] * DRAWS, [None] * DRAWS))
+
+
+def model_draws(model, ids, rows=ROWS, seed=None, **kw) -> torch.Tensor:
+    batch = {"input_ids": ids[None].repeat(rows, 1)}
+    torch.manual_seed(0)
     out = model.generate_from_batch(batch, max_new_tokens=1, seed=seed, **kw)
-    assert out.shape == (DRAWS, ids.numel() + 1)
+    assert out.shape == (rows, ids.numel() + 1)
     return out[:, -1]
 
 
@@ -64,55 +77,64 @@ def chi2(tokens: torch.Tensor, p: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("temperature", [0.3, 2.5], ids=["sharper", "flatter"])
-def test_temperature_scales_the_logits(tiny_model, prompt, temperature):
-    ids, logits = prompt
-    tokens = draws(tiny_model, ids, temperature=temperature)
+def test_temperature_scales_the_logits(prompt, temperature):
+    _, logits = prompt
+    tokens = draws(logits, temperature)
     assert chi2(tokens, expected(logits, temperature)) < CHI2_LIMIT
     # the draws tell this temperature from T = 1 (a sampler that ignored it)
     assert chi2(tokens, expected(logits, 1.0)) > 4 * CHI2_LIMIT
 
 
-def test_top_p_keeps_only_the_nucleus_renormalised(tiny_model, prompt):
-    ids, logits = prompt
-    top_p = 0.1
-    p = expected(logits, 1.0, top_p)
+def test_top_p_keeps_only_the_nucleus_renormalised(prompt):
+    _, logits = prompt
+    p = expected(logits, 1.0, 0.1)
     nucleus = set(torch.nonzero(p).flatten().tolist())
     assert 2 <= len(nucleus) <= BUCKETS, "the prompt should give a small nucleus at top_p=0.1"
-    tokens = draws(tiny_model, ids, temperature=1.0, top_p=top_p)
-    assert set(tokens.tolist()) <= nucleus
-    assert set(tokens.tolist()) == nucleus  # every member drawn at 3000 draws
+    tokens = draws(logits, 1.0, 0.1)
+    assert set(tokens.tolist()) == nucleus  # only the nucleus, and all of it at 3000 draws
     assert chi2(tokens, p) < CHI2_LIMIT
 
 
-def test_top_p_and_temperature_together(tiny_model, prompt):
-    ids, logits = prompt
+def test_top_p_and_temperature_together(prompt):
+    _, logits = prompt
     p = expected(logits, 0.5, 0.5)
-    tokens = draws(tiny_model, ids, temperature=0.5, top_p=0.5)
+    tokens = draws(logits, 0.5, 0.5)
     assert set(tokens.tolist()) <= set(torch.nonzero(p).flatten().tolist())
     assert chi2(tokens, p) < CHI2_LIMIT
+
+
+def test_generate_from_batch_samples_inside_the_nucleus(tiny_model, prompt):
+    ids, logits = prompt
+    nucleus = set(torch.nonzero(expected(logits, 1.0, 0.1)).flatten().tolist())
+    tokens = set(model_draws(tiny_model, ids, temperature=1.0, top_p=0.1).tolist())
+    # a sampler that ignored top_p would leave the 11%-mass nucleus at almost every draw
+    assert tokens <= nucleus and len(tokens) > 1
 
 
 def test_do_sample_maps_to_temperature(tiny_model, prompt):
     from transformers import GenerationConfig
 
     ids, logits = prompt
-    sampled = draws(tiny_model, ids, generation_config=GenerationConfig(do_sample=True, temperature=0.3, top_p=0.9))
-    by_keywords = draws(tiny_model, ids, temperature=0.3, top_p=0.9)
-    assert torch.equal(sampled, by_keywords)
+    sampled = model_draws(tiny_model, ids, 8, seed=4,
+                          generation_config=GenerationConfig(do_sample=True, temperature=0.3, top_p=0.9))
+    assert torch.equal(sampled, model_draws(tiny_model, ids, 8, seed=4, temperature=0.3, top_p=0.9))
     # do_sample=False is greedy whatever the temperature says
-    greedy = draws(tiny_model, ids, generation_config=GenerationConfig(do_sample=False, temperature=0.3))
+    greedy = model_draws(tiny_model, ids, 4, generation_config=GenerationConfig(do_sample=False, temperature=0.3))
     assert (greedy == logits.argmax()).all()
-    # do_sample with no temperature samples at T = 1
-    plain = draws(tiny_model, ids, generation_config=GenerationConfig(do_sample=True))
-    assert chi2(plain, expected(logits, 1.0)) < CHI2_LIMIT
+    settings = SamplingSettings.merge(GenerationConfig(do_sample=True, temperature=0.3, top_p=0.9))
+    assert (settings.temperature, settings.top_p) == (0.3, 0.9)
+    assert SamplingSettings.merge(GenerationConfig(do_sample=True)).temperature == 1.0
+    assert SamplingSettings.merge(GenerationConfig(do_sample=False, temperature=0.3)).temperature == 0.0
 
 
 def test_temperature_zero_is_greedy_and_seeds_repeat(tiny_model, prompt):
     ids, logits = prompt
-    assert (draws(tiny_model, ids, temperature=0.0) == logits.argmax()).all()
-    a = draws(tiny_model, ids, seed=5, temperature=1.0)
-    assert torch.equal(a, draws(tiny_model, ids, seed=5, temperature=1.0))
-    assert not torch.equal(a, draws(tiny_model, ids, seed=6, temperature=1.0))
+    assert (model_draws(tiny_model, ids, 4, temperature=0.0) == logits.argmax()).all()
+    kw = dict(max_new_tokens=6, temperature=1.0)
+    batch = {"input_ids": ids[None]}
+    a = tiny_model.generate_from_batch(batch, seed=5, **kw)
+    assert torch.equal(a, tiny_model.generate_from_batch(batch, seed=5, **kw))
+    assert any(not torch.equal(a, tiny_model.generate_from_batch(batch, seed=s, **kw)) for s in (6, 7, 8))
 
 
 def test_generate_samples_with_its_keywords(tiny_model):
