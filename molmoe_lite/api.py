@@ -9,6 +9,9 @@ pass (one error naming every problem); then the tensors stream one at a time, ea
 converted to its parameter's dtype and device, and are assigned into the model
 (``load_state_dict(assign=True)``): no tensor is held twice, and when quantising on the
 fly one layer's float experts are read, quantised and dropped before the next layer.
+On the CPU each layer's quantised experts are repacked for the CPU kernels as soon as they
+are read, and the pages of the checkpoint a tensor came from are let go once it is copied,
+so a load peaks near the size of the model it builds, not of the file.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from torch import nn
 from molmoe_lite.config import ConfigError, MolmoeConfig
 from molmoe_lite.hub import resolve_model
 from molmoe_lite.quantize.checkpoint import open_checkpoint, validate
-from molmoe_lite.quantize.format import (experts_prefix, quantize_layer_experts, quantize_weight,
-                                         quantized_to_tensors)
+from molmoe_lite.quantize.format import (QuantizedWeight, experts_prefix, quantize_layer_experts,
+                                         quantize_weight, quantized_to_tensors)
 from molmoe_lite.quantize.layout import expected_shapes
 from molmoe_lite.errors import UsageError
 
@@ -46,8 +49,56 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), read from its flags."""
+    if str(torch.backends.cpu.get_cpu_capability()).upper().startswith("AMX"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once)."""
+    import os
+
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, cpu, ids = set(), None, {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "processor":
+                    cpu, ids = int(value), {}
+                elif key in ("physical id", "core id"):
+                    ids[key] = value.strip()
+                    if len(ids) == 2 and cpu in allowed:
+                        cores.add((ids["physical id"], ids["core id"]))
+    except (OSError, ValueError):
+        pass
+    return len(cores) or len(allowed) or 1
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's CPU threads for this process: ``threads``, or every physical core by default."""
+    if threads is None:
+        threads = physical_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"threads must be a positive whole number, got {threads!r}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """float32 on CPU; bfloat16 on GPUs that have it, else float16 (Turing)."""
+    """On the CPU bfloat16 where it is native (AVX512-BF16, AMX), else float32; on GPUs
+    bfloat16 where they have it, else float16 (Turing)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is not None:
@@ -57,7 +108,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
             raise UsageError(f"dtype {dtype!r} is not one of float32, bfloat16, float16") from None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 
 LINEAR_GROUPS = ("attention", "lm_head", "vision", "experts")
@@ -163,6 +214,8 @@ def load(
     dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     preset: str = "default",
+    threads: int | None = None,
+    progress: bool = True,
 ):
     """Load a MolmoE checkpoint folder (or hub id) for inference, processor attached.
 
@@ -171,9 +224,13 @@ def load(
     ``preset="small"`` also quantises, while reading, every decoder linear to int4 (attention,
     lm_head) and the ViT's linears to int8 (SMALL_PRESET), and keeps the token embeddings in
     CPU memory: the smallest GPU footprint.
+    ``dtype`` None: bfloat16 on GPUs and on CPUs with native bfloat16, else float32.
+    ``threads``: torch's CPU threads for this process (default: every physical core).
+    ``progress``: a progress bar on stderr when loading takes more than a few seconds.
     """
     if preset not in PRESETS:  # before any download or file access
         raise UsageError(f"preset must be one of {PRESETS}, got {preset!r}")
+    set_threads(threads)
     from molmoe_lite.processor import Processor
 
     folder = resolve_model(path)
@@ -190,21 +247,30 @@ def load(
               if not (k.rpartition(".")[0] in on_read and k.rpartition(".")[2] in quantised_leaves)}
     shapes.update({f"{name}.weight": model.get_submodule(name).shape for name in on_read})
     state: dict[str, torch.Tensor] = {}
-    # When every tensor is copied on its way in (to a GPU or another dtype), map a .bin shared:
-    # a private mapping of the 29 GB release is refused on machines with less RAM + swap.
-    copies = device.type != "cpu" or dtype != torch.float32
-    with open_checkpoint(folder, shared_mmap=copies) as reader:
-        if quant is not None and quant["on_the_fly"]:
+    on_the_fly = quant is not None and quant["on_the_fly"]
+    # When every tensor is copied on its way in (to a GPU, another dtype, or while quantising a
+    # float release), map a .bin shared: a private mapping of the 29 GB release is refused on
+    # machines with less RAM + swap, and counts against a process's data limit.
+    copies = device.type != "cpu" or dtype != torch.float32 or on_the_fly
+    # on the CPU, each layer's experts go straight into the CPU kernels' layout
+    cpu_experts = device.type == "cpu" and quant is not None and "experts" in quant.get("modules", ["experts"])
+    pending = _ExpertRepacker(model, config, int(quant["bits"])) if cpu_experts else None
+    with open_checkpoint(folder, shared_mmap=copies) as reader, \
+            _progress(len(reader.keys()), "loading", progress) as bar:
+        if on_the_fly:
             validate(reader, expected_shapes(config.raw))  # a float release, checked whole
-            _quantize_experts_while_loading(reader, config, quant, device, state)
+            _quantize_experts_while_loading(reader, config, quant, device, state, pending, progress)
         else:
             validate(reader, shapes)
         for key in reader.keys():
+            bar.update(1)
             name, _, leaf = key.rpartition(".")
             if leaf == "weight" and name in on_read:
                 bits, group_size = on_read[name]
                 qw = quantize_weight(reader.get(key).float(), bits=bits, group_size=group_size, name=key)
                 state.update({k: t.to(device) for k, t in quantized_to_tensors(name, qw).items()})
+            elif pending is not None and pending.wants(key):
+                pending.add(key, reader.get(key))
             elif key in wanted and key not in state:
                 # one tensor at a time: each is converted before the next is read
                 target = "cpu" if key.startswith(on_cpu) else device
@@ -214,8 +280,14 @@ def load(
                     # still a view of the shared, writable mapping (a CPU-kept tensor already in
                     # the wanted dtype): copy it, so the model never writes into the checkpoint
                     t = t.clone()
+                if t.data_ptr() != src.data_ptr():
+                    release_pages(src)
+                del src
                 state[key] = t
+        if pending is not None:
+            pending.check_done()
         model.load_state_dict(state, assign=True, strict=True)
+        state.clear()
     model.eval()
     model.processor = Processor.from_pretrained(folder)
     return model
@@ -253,16 +325,102 @@ def weights_plan(config: MolmoeConfig, dtype: torch.dtype = torch.bfloat16, quan
     return plan
 
 
-def _quantize_experts_while_loading(reader, config: MolmoeConfig, quant: dict, device, state: dict) -> None:
-    """Read each layer's float experts, quantise them, keep only the quantised tensors."""
-    for layer in range(config.n_layers):
-        w13, w2 = quantize_layer_experts(
-            reader.get, layer, config.moe_num_experts, bits=int(quant["bits"]), group_size=quant["group_size"]
-        )
-        prefix = experts_prefix(layer)
-        for name, qw in (("w13", w13), ("w2", w2)):
-            for key, t in quantized_to_tensors(f"{prefix}.{name}", qw).items():
-                state[key] = t.to(device)
+def _quantize_experts_while_loading(reader, config: MolmoeConfig, quant: dict, device, state: dict,
+                                    repacker: "_ExpertRepacker | None" = None, progress: bool = True) -> None:
+    """Read each layer's float experts, quantise them, keep only the quantised tensors (on the
+    CPU: repacked for the CPU kernels at once)."""
+    with _progress(config.n_layers, "quantising experts", progress, unit="layer") as bar:
+        for layer in range(config.n_layers):
+            read: list[torch.Tensor] = []
+
+            def get(key: str) -> torch.Tensor:
+                read.append(reader.get(key))
+                return read[-1]
+
+            w13, w2 = quantize_layer_experts(
+                get, layer, config.moe_num_experts, bits=int(quant["bits"]), group_size=quant["group_size"]
+            )
+            for t in read:  # this layer's float experts: their pages are not needed again
+                release_pages(t)
+            del read
+            prefix = experts_prefix(layer)
+            for name, qw in (("w13", w13), ("w2", w2)):
+                if repacker is not None:
+                    repacker.take(layer, name, qw)
+                    continue
+                for key, t in quantized_to_tensors(f"{prefix}.{name}", qw).items():
+                    state[key] = t.to(device)
+            bar.update(1)
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor"):
+    """A tqdm bar on stderr that shows itself only when the work takes more than a few seconds."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, delay=3, file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, leave=False)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Tell the kernel this process is done with the whole pages under ``t``, which must not be
+    used again. For a view of a mapped checkpoint the pages stay in the page cache but leave
+    this process's resident set (a later read would fault them back in from the file). No-op
+    off Linux and for tensors not on the CPU."""
+    import sys
+
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return
+    import ctypes
+    import mmap
+
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
+class _ExpertRepacker:
+    """Collects each layer's quantised expert tensors as they are read and repacks a layer for
+    the CPU kernels (``QuantizedTensor.use_cpu_layout``) as soon as it is complete."""
+
+    def __init__(self, model, config: MolmoeConfig, bits: int):
+        self.model, self.bits = model, bits
+        leaves = ("qweight", "scales", "zeros") if bits == 4 else ("qweight", "scales")
+        self.keys = {f"{experts_prefix(i)}.{name}.{leaf}": (i, name, leaf)
+                     for i in range(config.n_layers) for name in ("w13", "w2") for leaf in leaves}
+        self.parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self.leaves = len(leaves)
+        self.done = 0
+
+    def wants(self, key: str) -> bool:
+        return key in self.keys
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        layer, name, leaf = self.keys[key]
+        parts = self.parts.setdefault((layer, name), {})
+        parts[leaf] = t
+        if len(parts) == self.leaves:
+            del self.parts[(layer, name)]
+            module = getattr(self.model.get_submodule(experts_prefix(layer)), name)
+            qw = QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), self.bits,
+                                 module.group_size, module.shape)
+            self.take(layer, name, qw)
+            if self.bits == 4:  # int8 keeps its codes as they are; int4 made new ones
+                for t in parts.values():
+                    release_pages(t)
+
+    def take(self, layer: int, name: str, qw: QuantizedWeight) -> None:
+        getattr(self.model.get_submodule(experts_prefix(layer)), name).use_cpu_layout(qw)
+        self.done += 1
+
+    def check_done(self) -> None:
+        if self.parts:  # validate() checked the keys: this would be a bug
+            raise RuntimeError(f"expert tensors left unpacked: {sorted(self.parts)}")
 
 
 def apply_small_preset(model, method: str = "refit") -> list[str]:

@@ -5,9 +5,11 @@
 ``molmoe_lite.quantize.format`` as buffers, under the same keys the converter writes
 (``...mlp.experts.w13.qweight`` etc.), and is called like the dense experts,
 ``experts(h, weights, ids)``. ``QuantizedLinear`` does the same for one matrix
-(attention projections, lm_head). Both run the Triton kernels on CUDA and the
-pure-torch reference elsewhere, which dequantises only the experts that got tokens,
-so a CPU never holds a dense expert stack.
+(attention projections, lm_head). Both run the Triton kernels on CUDA. On the CPU the
+experts run torch's int4/int8 CPU kernels (``kernels/cpu_experts.py``) on a copy repacked
+once into those kernels' layout; the stored-format tensors are then released (``load()``
+repacks each layer as it is read), and ``state_dict()`` rebuilds them on demand. Linears
+on the CPU run the pure-torch reference.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from molmoe_lite.kernels.availability import use_kernels
+from molmoe_lite.kernels.cpu_experts import CpuWeight, moe_experts_cpu
 from molmoe_lite.kernels.fused_moe import moe_experts, quantized_linear, topk_softmax
 from molmoe_lite.kernels.reference import route
 from molmoe_lite.quantize.format import QuantizedWeight, quantize_weight, resolve_group_size
@@ -42,6 +45,25 @@ class QuantizedTensor(nn.Module):
         else:
             raise UsageError(f"bits must be 4 or 8, got {bits}")
         self.register_buffer("scales", torch.empty(*lead, n, k // g, dtype=torch.float16, device=device))
+        self.cpu_weight: CpuWeight | None = None
+
+    def use_cpu_layout(self, qw: QuantizedWeight | None = None) -> CpuWeight:
+        """Repack ``qw`` (default: this module's tensors) for the CPU kernels and release the
+        stored-format buffers. The packed tensors are no buffers (a dtype cast of the model must
+        not touch them); ``state_dict()`` rebuilds the stored format from them."""
+        self.cpu_weight = CpuWeight(qw if qw is not None else self.weight())
+        self.qweight = self.scales = None
+        if self.bits == 4:
+            self.zeros = None
+        return self.cpu_weight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.cpu_weight is not None:
+            qw = self.cpu_weight.to_quantized()
+            destination[prefix + "qweight"], destination[prefix + "scales"] = qw.qweight, qw.scales
+            if qw.zeros is not None:
+                destination[prefix + "zeros"] = qw.zeros
 
     @classmethod
     def from_weight(cls, qw: QuantizedWeight) -> "QuantizedTensor":
@@ -57,6 +79,8 @@ class QuantizedTensor(nn.Module):
             self.zeros = qw.zeros
 
     def weight(self) -> QuantizedWeight:
+        if self.cpu_weight is not None:
+            return self.cpu_weight.to_quantized()
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.shape)
 
     def extra_repr(self) -> str:
@@ -66,8 +90,9 @@ class QuantizedTensor(nn.Module):
 class QuantizedExperts(nn.Module):
     """All experts of one MoE layer, quantised; ``forward(h [T,H], weights [T,K], ids [T,K]) -> [T,H]``.
 
-    ``use_kernels``: None runs the Triton kernels on CUDA and the reference elsewhere;
-    True forces the kernels (tests run them on the CPU under TRITON_INTERPRET=1), see
+    ``use_kernels``: None runs the Triton kernels on CUDA and the CPU kernels on the CPU
+    (repacking on first use when ``load()`` has not); True forces the Triton kernels (tests run
+    them on the CPU under TRITON_INTERPRET=1); False forces the pure-torch reference. See
     ``molmoe_lite.kernels.availability.use_kernels``.
     """
 
@@ -96,7 +121,16 @@ class QuantizedExperts(nn.Module):
             return topk_softmax(logits.contiguous(), top_k, renormalize)
         return route(logits, top_k, renormalize)
 
+    def use_cpu_layout(self) -> None:
+        """Repack both weights for the CPU kernels (see QuantizedTensor.use_cpu_layout)."""
+        for t in (self.w13, self.w2):
+            if t.cpu_weight is None:
+                t.use_cpu_layout()
+
     def forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels is None and h.device.type == "cpu":
+            self.use_cpu_layout()
+            return moe_experts_cpu(h, weights, ids, self.w13.cpu_weight, self.w2.cpu_weight)
         return moe_experts(h, weights, ids, self.w13.weight(), self.w2.weight(),
                            use_kernels=use_kernels(h, self.use_kernels))
 
