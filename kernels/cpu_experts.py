@@ -205,7 +205,8 @@ def moe_experts_cpu(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tens
     counts = torch.bincount(flat, minlength=n_exp).tolist()
     tok = order // k
     xs = hidden[tok]  # [T*K, H], expert-major
-    rows = torch.empty(t * k, h, dtype=torch.float32)
+    # NaN until written: a pair the loop missed would show in the output, not pass as stale memory
+    rows = torch.full((t * k, h), float("nan"), dtype=torch.float32)
     start = 0
     for e, count in enumerate(counts):
         if not count:

@@ -1,0 +1,103 @@
+"""The CPU expert kernels (kernels/cpu_experts.py) against the fp32 reference.
+
+Oracle: kernels/reference.py's moe_reference (x @ dequant(W) in fp32 on the same quantised
+weights). The CPU kernels take bfloat16 activations, scales and zero points (their only
+vectorised path) with fp32 accumulation, so they are held to the bfloat16 bound the Triton
+kernel tests use (2e-2, norm-wise relative); int8 rows whose length is not a multiple of 16
+run in float32 and are held to the float32 bound (1e-3).
+"""
+
+import pytest
+import torch
+
+from molmoe_lite.kernels.cpu_experts import CpuWeight, int4_slots, moe_experts_cpu
+from molmoe_lite.kernels.reference import MoEInputError, moe_reference, route
+from molmoe_lite.quantize.format import quantize_weight
+
+TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
+
+
+# (T, E, H, I, top-k, int4 group, int8 group (None: per output channel))
+CASES = {
+    "T1": (1, 8, 64, 32, 2, 32, None),  # one decode token
+    "T_gt1": (24, 8, 128, 64, 2, 64, None),  # a prompt: several tokens per expert
+    "odd_sizes": (5, 6, 104, 64, 3, 104, None),  # E, K, T, H odd; H = 104 rows (padded to 112); G = K = 104 padded to 128
+    "group_not_a_kernel_size": (3, 5, 96, 48, 2, 48, 48),  # int4 G = 48: padded to 64 per group
+    "group_split": (4, 4, 192, 96, 2, 96, 96),  # int4 G = 96 -> kernel groups of 32; int8 groups of 96
+    "int8_k_not_16": (3, 4, 72, 36, 2, 36, None),  # int8 rows of 72 / 36 inputs: the float32 path
+    "tiny_groups": (7, 4, 40, 24, 2, 8, 8),  # G = 8 (int4 padded x4; int8 float32, one call per group)
+    "some_empty": (10, 8, 64, 32, 2, 32, 32),  # 5 of 8 experts get no token
+    "topE": (3, 4, 64, 32, 4, 32, None),  # every expert for every token
+    "bf16_hidden": (6, 4, 64, 32, 2, 64, None),  # hidden states already bf16 (the bf16 model)
+}
+
+
+def make_problem(name: str, bits: int, seed: int = 0):
+    t, e, h, i, k, g4, g8 = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=gen)
+    logits = torch.randn(t, e, generator=gen)
+    if name == "some_empty":
+        logits[:, [1, 4, 6]] += 20.0
+    w13 = torch.randn(e, 2 * i, h, generator=gen) / h**0.5
+    w2 = torch.randn(e, h, i, generator=gen) / i**0.5
+    g = g4 if bits == 4 else g8
+    q13 = quantize_weight(w13, bits=bits, group_size=g, method="rtn")
+    q2 = quantize_weight(w2, bits=bits, group_size=g, method="rtn")
+    weights, ids = route(logits, k)
+    if name == "bf16_hidden":
+        x = x.bfloat16()
+    return x, weights, ids, q13, q2
+
+
+def rel_err(out, ref):
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+@pytest.mark.parametrize("name", CASES)
+def test_cpu_experts_match_reference(name, bits):
+    x, weights, ids, q13, q2 = make_problem(name, bits)
+    if name == "some_empty":
+        assert len(torch.unique(ids)) == 3  # the edge case really has idle experts
+    ref = moe_reference(x.float(), weights, ids, q13, q2)
+    c13, c2 = CpuWeight(q13), CpuWeight(q2)
+    out = moe_experts_cpu(x, weights, ids, c13, c2)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert not out.isnan().any(), "a (token, expert) pair was left unwritten"
+    worst = max(TOL[c13.act_dtype], TOL[c2.act_dtype])
+    if x.dtype == torch.bfloat16:
+        worst = TOL[torch.bfloat16]
+    err = rel_err(out, ref)
+    assert err <= worst, f"int{bits} {name}: relative error {err:.2e} > {worst:.0e}"
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+@pytest.mark.parametrize("name", ["odd_sizes", "group_not_a_kernel_size", "group_split", "tiny_groups"])
+def test_repacked_weights_give_back_the_stored_format(name, bits):
+    """to_quantized (what state_dict() shows): codes exact, scales and zeros as the kernel holds them."""
+    _, _, _, q13, _ = make_problem(name, bits)
+    back = CpuWeight(q13).to_quantized()
+    assert back.shape == q13.shape and back.group_size == q13.group_size
+    assert back.qweight.dtype == q13.qweight.dtype and torch.equal(back.qweight, q13.qweight)
+    assert back.scales.shape == q13.scales.shape
+    torch.testing.assert_close(back.scales.float(), q13.scales.float(), rtol=2**-8, atol=0)
+    if bits == 4:
+        # Z = (8 - z) * s went through bfloat16: z comes back within 2^-8 of (8 - z), in code units
+        assert float((back.zeros.float() - q13.zeros.float()).abs().max()) <= 16 * 2**-8
+
+
+@pytest.mark.parametrize("n,k", [(16, 32), (80, 64), (128, 96)])
+def test_learned_int4_layout_inverts_the_packer(n, k):
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    nibbles = torch.stack((packed & 15, packed >> 4), -1).flatten()
+    back = torch.empty(n * k, dtype=torch.uint8)
+    back[int4_slots(n, k)] = nibbles
+    assert torch.equal(back.view(n, k).to(torch.int32), codes)
+
+
+def test_expert_ids_out_of_range_are_refused():
+    x, weights, ids, q13, q2 = make_problem("T1", 4)
+    with pytest.raises(MoEInputError, match="expert ids"):
+        moe_experts_cpu(x, weights, ids + 100, CpuWeight(q13), CpuWeight(q2))
