@@ -148,8 +148,9 @@ def _load_bin(path: Path, shared_mmap: bool = False) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / others
         reason = _torch_reason(e)
         if "Cannot allocate memory" in reason and not shared_mmap:
-            reason += ("; a private mapping larger than RAM + swap is refused by the kernel's "
-                       "overcommit check: open it with shared_mmap=True")
+            reason += ("; the file is larger than this machine's memory: load it quantised "
+                       "(--quantize int4, or quantize=\"int4\") or in bfloat16, or convert it once "
+                       "with `molmoe-lite quantize`")
         raise CheckpointError(f"{path}: cannot load ({reason})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(
