@@ -1,0 +1,162 @@
+"""CPU end-to-end benchmark on a full-size int4 MolmoE (not a CI test); prints one JSON line.
+
+    python benchmarks/bench_cpu.py --workdir /folder/with/40GB     # builds the checkpoint once
+    python benchmarks/bench_cpu.py --checkpoint ./molmoe-int4      # or uses one
+
+1. Without ``--checkpoint``: writes, once, the synthetic full-size float32 release under
+   ``--workdir/src`` (``bench_convert.py``'s writer: random weights, release layout, 29 GB) and
+   converts it with ``molmoe-lite quantize --bits 4`` into ``--workdir/int4`` (kept and
+   reused; ``--method rtn`` by default since rounding quality does not change speed). A tiny
+   tokenizer and the release's preprocessor config are added so the processor works.
+2. Measures, in this process, the machine's read bandwidth (sum over a 1 GiB float32 tensor,
+   best of 5), before loading anything.
+3. ``load(path, device="cpu")`` with the defaults (or ``--dtype``/``--threads``), then one
+   640x480 image prompt, 64 new tokens at batch 1 (EOS disabled, greedy): time to first token
+   and decode tokens/s from ``model.last_stats``.
+4. Floor: the bytes one decode token must read, i.e. the chosen experts (8 of 64 per layer) in
+   their packed form plus every non-expert weight a decode step uses (attention, router,
+   norms, lm_head; not the ViT, and one row of the token table), divided by the bandwidth.
+   Fraction = floor time / measured time per token.
+5. Peak RSS is ``ru_maxrss`` (counts mapped weight files too), over the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def read_bandwidth_gbs(gib: int = 1, repeats: int = 5) -> float:
+    t = torch.ones(gib * 2**28, dtype=torch.float32)
+    t.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - start)
+    del t
+    return gib * 2**30 / best / 1e9
+
+
+def build_checkpoint(workdir: Path, method: str) -> Path:
+    from bench_convert import _MARKER, write_synthetic_release
+    from _synthetic import tiny_processor
+
+    from molmoe_lite.testing import full_size_config_dict
+
+    src, out = workdir / "src", workdir / "int4"
+    if not (out / "config.json").exists():
+        cfg = full_size_config_dict()
+        if not (src / _MARKER).exists():
+            write_synthetic_release(src, cfg, pool_mb=1024)
+        subprocess.run([sys.executable, "-m", "molmoe_lite.cli", "quantize", str(src), str(out), "--bits", "4",
+                        "--method", method, "--force"], check=True)
+    tiny_processor(out)
+    return out
+
+
+def decode_floor_bytes(model) -> tuple[int, int]:
+    """(bytes of the chosen experts, bytes of the other weights) one decode token reads."""
+    from molmoe_lite.quantized import QuantizedExperts
+
+    experts = other = 0
+    cfg = model.config
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantizedExperts):
+            for w in (mod.w13, mod.w2):
+                if w.cpu_weight is not None:
+                    total = w.cpu_weight.nbytes
+                else:
+                    total = sum(t.numel() * t.element_size() for t in w.buffers())
+                experts += total * cfg.moe_top_k // cfg.moe_num_experts
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if ".experts." in name or "vision_backbone" in name:
+            continue
+        if name.startswith("model.transformer.wte"):
+            other += t.shape[-1] * t.element_size()  # one row
+            continue
+        other += t.numel() * t.element_size()
+    return experts, other
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=None, help="an int4 checkpoint folder (skips the build)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to build (and keep) the synthetic checkpoint")
+    ap.add_argument("--method", default="rtn", help="rounding for the build (default %(default)s)")
+    ap.add_argument("--dtype", default=None, help="override load()'s dtype")
+    ap.add_argument("--threads", type=int, default=None, help="override load()'s threads")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.checkpoint is None and args.workdir is None:
+        ap.error("give --checkpoint or --workdir")
+
+    from PIL import Image
+
+    from molmoe_lite import load
+
+    path = args.checkpoint or build_checkpoint(args.workdir, args.method)
+    load0 = os.getloadavg()
+    bandwidth = read_bandwidth_gbs()
+    t0 = time.perf_counter()
+    model = load(path, device="cpu", dtype=args.dtype, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (480, 640, 3), generator=gen, dtype=torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    inputs = model.processor.process(images=[image], text="Describe this image.")
+    batch = {k: v[None] for k, v in inputs.items()}
+    model.generate_from_batch(batch, {"max_new_tokens": args.new_tokens, "eos_token_id": -1})
+    stats = model.last_stats
+    experts_b, other_b = decode_floor_bytes(model)
+    floor_s = (experts_b + other_b) / (bandwidth * 1e9)
+    per_token_s = 1.0 / stats.decode_tokens_per_s if stats.decode_tokens_per_s else float("inf")
+    result = {
+        "bench": "cpu",
+        "checkpoint": str(path),
+        "dtype": str(model.compute_dtype).replace("torch.", "") if hasattr(model, "compute_dtype") else args.dtype,
+        "threads": torch.get_num_threads(),
+        "load_s": round(load_s, 1),
+        "prompt_tokens": stats.prompt_tokens,
+        "new_tokens": stats.new_tokens,
+        "ttft_s": round(stats.ttft_s, 2),
+        "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3),
+        "read_bandwidth_gbs": round(bandwidth, 2),
+        "floor_bytes_per_token": {"experts": experts_b, "other": other_b},
+        "floor_ms_per_token": round(floor_s * 1e3, 2),
+        "fraction_of_floor": round(floor_s / per_token_s, 4),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3),
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "loadavg_before": [round(x, 2) for x in load0],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
