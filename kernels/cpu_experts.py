@@ -130,10 +130,14 @@ class CpuWeight:
     def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return self._mm_int4(x, e) if self.bits == 4 else self._mm_int8(x, e)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.bits == 4:
+            return {"packed": self.packed, "scale_zeros": self.scale_zeros}
+        return {"codes": self.codes, "scales": self.scales}
+
     @property
     def nbytes(self) -> int:
-        tensors = (self.packed, self.scale_zeros) if self.bits == 4 else (self.codes, self.scales)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     # ------------------------------------------------------------------------- back to the format
     def to_quantized(self) -> QuantizedWeight:

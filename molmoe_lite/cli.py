@@ -35,7 +35,8 @@ EPILOG = """examples:
 
 def _add_device_args(p) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on a GPU and on CPUs with native bfloat16 (AVX512-BF16, AMX), else float32)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: every physical core)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
     run.add_argument("--preset", choices=["default", "small"], default="default", help="small: int4 attention and lm_head too, embeddings in CPU memory (least GPU memory)")
     run.add_argument("--max-context", type=int, default=None, metavar="N", help="KV-cache slots (default: prompt + new tokens)")
-    run.add_argument("--stats", action="store_true", help="print time to first token, decode tokens/s and peak memory")
+    run.add_argument("--stats", action="store_true", help="print time to first token, decode tokens/s and the memory the model used (weights + working memory)")
     run.add_argument("--points", metavar="OUT.png", default=None, help="draw the points of a pointing answer onto the (first) image")
     _add_generation_args(run, 200)
     run.set_defaults(func=cmd_run)
@@ -237,16 +238,59 @@ def _print_stats(model) -> None:
         context = max(0.0, (total - free) / 2**30 - torch.cuda.memory_reserved(model.device) / 2**30)
         line += f", peak GPU memory {peak + context:.2f} GiB ({peak:.2f} reserved by torch + {context:.2f} context)"
     else:
-        import resource
-
-        line += f", peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        peak = _peak_rss_bytes()
+        weights = _weight_bytes(model)
+        # the peak since the load finished: the checkpoint's page cache, which the load read
+        # through and let go, is not the model's memory
+        line += (f", memory {peak / 2**30:.2f} GiB at peak (weights {weights / 2**30:.2f} GiB + working memory "
+                 f"{max(0, peak - weights) / 2**30:.2f} GiB)")
     print(line, file=sys.stderr)
+
+
+def _reset_peak_rss() -> None:
+    """Start the process's peak-RSS count afresh (Linux), so --stats leaves out the load's reading."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the model's tensors, the CPU kernels' packed experts included."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for mod in model.modules():
+        cpu_weight = getattr(mod, "cpu_weight", None)
+        if cpu_weight is not None:
+            tensors += list(cpu_weight.tensors().values())
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def cmd_run(args) -> int:
     from molmoe_lite.api import load
 
-    model = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, preset=args.preset)
+    model = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, preset=args.preset,
+                 threads=args.threads)
+    _reset_peak_rss()
     images = args.image or None
     text = _stream(model, images, args)
     if args.stats:
@@ -365,7 +409,8 @@ def cmd_demo(args) -> int:
     print(f"tiny random MolmoE checkpoint: {folder}", file=sys.stderr)
     print("note: the weights are random, so the answer is meaningless text; real weights take the same path:", file=sys.stderr)
     print("      molmoe-lite quantize RELEASE_DIR OUT_DIR && molmoe-lite run OUT_DIR --image IMAGE \"prompt\"", file=sys.stderr)
-    model = load(folder, device=args.device, dtype=args.dtype)
+    model = load(folder, device=args.device, dtype=args.dtype, threads=args.threads)
+    _reset_peak_rss()
     image = args.image or demo_image()
     print(f"prompt: {args.prompt}", file=sys.stderr)
     _stream(model, image, args)
