@@ -83,8 +83,11 @@ class CpuWeight:
         reps = padded // self.kernel_group
         self.scale_zeros = torch.zeros(e, groups * reps, self.n_pad, 2, dtype=self.act_dtype)
         for i in range(e):  # one expert at a time: the int32 codes are 8x the packed bytes
-            codes = torch.full((self.n_pad, groups, padded), 8, dtype=torch.int32)
-            codes[:n, :, :g] = _unpack_nibbles(qw.qweight[i]).view(n, groups, g)
+            if self.n_pad == n and not self.group_pad:
+                codes = _unpack_nibbles(qw.qweight[i]).to(torch.int32)
+            else:
+                codes = torch.full((self.n_pad, groups, padded), 8, dtype=torch.int32)
+                codes[:n, :, :g] = _unpack_nibbles(qw.qweight[i]).view(n, groups, g)
             self.packed[i] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(self.n_pad, k_run), 2)
             s = qw.scales[i].float()
             z = (8.0 - qw.zeros[i].float()) * s
@@ -100,7 +103,7 @@ class CpuWeight:
             x = xp.view(m, -1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed[e], self.kernel_group,
                                                          self.scale_zeros[e])
-        return y[:, : self.n].float()
+        return (y if self.n == self.n_pad else y[:, : self.n]).float()
 
     # ------------------------------------------------------------------------- int8
     def _pack_int8(self, qw: QuantizedWeight) -> None:
@@ -208,7 +211,7 @@ def moe_experts_cpu(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tens
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert
     counts = torch.bincount(flat, minlength=n_exp).tolist()
     tok = order // k
-    xs = hidden[tok]  # [T*K, H], expert-major
+    xs = hidden[tok].to(w13.act_dtype)  # [T*K, H], expert-major, converted once for every expert
     # NaN until written: a pair the loop missed would show in the output, not pass as stale memory
     rows = torch.full((t * k, h), float("nan"), dtype=torch.float32)
     start = 0

@@ -24,7 +24,7 @@ from torch import nn
 
 from molmoe_lite.config import ConfigError, MolmoeConfig
 from molmoe_lite.hub import resolve_model
-from molmoe_lite.quantize.checkpoint import open_checkpoint, validate
+from molmoe_lite.quantize.checkpoint import open_checkpoint, release_pages, validate
 from molmoe_lite.quantize.format import (QuantizedWeight, experts_prefix, quantize_layer_experts,
                                          quantize_weight, quantized_to_tensors)
 from molmoe_lite.quantize.layout import expected_shapes
@@ -361,27 +361,6 @@ def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor"):
 
     return tqdm(total=total, desc=desc, unit=unit, delay=3, file=sys.stderr, disable=not enabled,
                 dynamic_ncols=True, leave=False)
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Tell the kernel this process is done with the whole pages under ``t``, which must not be
-    used again. For a view of a mapped checkpoint the pages stay in the page cache but leave
-    this process's resident set (a later read would fault them back in from the file). No-op
-    off Linux and for tensors not on the CPU."""
-    import sys
-
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
-        return
-    import ctypes
-    import mmap
-
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-    if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
 class _ExpertRepacker:

@@ -421,11 +421,23 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers experts function: hidden_states [T, H], top_k_index/weights [T, K] -> [T, H].
 
-    Kernels run on CUDA (or when the module's ``molmoe_lite_use_kernels`` is True), the
-    torch reference elsewhere.
+    Triton kernels run on CUDA (or when the module's ``molmoe_lite_use_kernels`` is True), the
+    CPU kernels on the CPU, the torch reference when it is False.
     """
     w13, w2 = _lazy_weights(self)
-    use = use_kernels(hidden_states, getattr(self, "molmoe_lite_use_kernels", None))
+    setting = getattr(self, "molmoe_lite_use_kernels", None)
+    if setting is None and hidden_states.device.type == "cpu":
+        # the CPU kernels, as QuantizedExperts runs them; their packed copy is cached beside
+        cached = self.__dict__.get("_molmoe_lite_cpu")
+        if cached is None or cached[0] is not w13:
+            from molmoe_lite.kernels.cpu_experts import CpuWeight
+
+            cached = (w13, CpuWeight(w13), CpuWeight(w2))
+            self.__dict__["_molmoe_lite_cpu"] = cached
+        from molmoe_lite.kernels.cpu_experts import moe_experts_cpu
+
+        return moe_experts_cpu(hidden_states, top_k_weights, top_k_index, cached[1], cached[2])
+    use = use_kernels(hidden_states, setting)
     return moe_experts(hidden_states, top_k_weights, top_k_index, w13, w2, use_kernels=use)
 
 

@@ -331,7 +331,8 @@ class CheckpointReader:
             # byte; CPU kernels then take other (slower, differently rounding) paths. Measured
             # here: logits differed by 1e-6 from the same weights loaded aligned.
             if tensor.data_ptr() % _ALIGN:
-                tensor = tensor.clone()
+                view, tensor = tensor, tensor.clone()
+                release_pages(view)  # the copy is what the caller gets: the mapped pages may go
             return tensor
         return handle[key]
 
@@ -366,6 +367,27 @@ class CheckpointReader:
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r}, format={self.format!r}, tensors={len(self)})"
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Tell the kernel this process is done with the whole pages under ``t``, which must not be
+    used again. For a view of a mapped checkpoint the pages stay in the page cache but leave
+    this process's resident set (a later read would fault them back in from the file). No-op
+    off Linux and for tensors not on the CPU."""
+    import sys
+
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return
+    import ctypes
+    import mmap
+
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
 def open_checkpoint(path: str | Path, *, shared_mmap: bool = False) -> CheckpointReader:
