@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from molmoe_lite.quantize.format import QuantizedWeight
 
-from .reference import MoEInputError, check_moe_inputs
+from .checks import MoEInputError, check_moe_inputs
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes the int4 kernel takes, largest first
 _N_UNIT = 16  # the int4 packer wants a multiple of 16 output rows
