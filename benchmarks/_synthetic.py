@@ -208,11 +208,17 @@ def _quant_state_bytes(qs) -> int:
 
 
 def module_bytes(mod: nn.Module, device_type: str | None = None) -> int:
-    """Bytes of every parameter and buffer of ``mod`` (each tensor once), NF4 statistics included;
-    only those on ``device_type`` ("cuda", "cpu") when given."""
+    """Bytes of every parameter and buffer of ``mod`` (each tensor once), NF4 statistics and the
+    CPU kernels' packed experts (held beside the buffers) included; only those on
+    ``device_type`` ("cuda", "cpu") when given."""
     seen: set[int] = set()
     n = 0
-    for t in list(mod.parameters()) + list(mod.buffers()):
+    tensors = list(mod.parameters()) + list(mod.buffers())
+    for sub in mod.modules():
+        packed = getattr(sub, "cpu_weight", None)
+        if packed is not None:
+            tensors += list(packed.tensors().values())
+    for t in tensors:
         if id(t) in seen or (device_type is not None and t.device.type != device_type):
             continue
         seen.add(id(t))
