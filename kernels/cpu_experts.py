@@ -63,6 +63,10 @@ class CpuWeight:
         self.bits, self.shape, self.group_size = qw.bits, tuple(qw.shape), qw.group_size
         e, n, k = self.shape
         self.n, self.k = n, k
+        # the stored scales (and zeros) as they are, for to_quantized: the kernels' bfloat16
+        # copies cannot give them back exactly (int4: 1/9 of the packed bytes)
+        self.stored_scales = qw.scales.clone()
+        self.stored_zeros = None if qw.zeros is None else qw.zeros.clone()
         if qw.bits == 4:
             self._pack_int4(qw)
         else:
@@ -134,9 +138,12 @@ class CpuWeight:
         return self._mm_int4(x, e) if self.bits == 4 else self._mm_int8(x, e)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        kept = {"stored_scales": self.stored_scales}
+        if self.stored_zeros is not None:
+            kept["stored_zeros"] = self.stored_zeros
         if self.bits == 4:
-            return {"packed": self.packed, "scale_zeros": self.scale_zeros}
-        return {"codes": self.codes, "scales": self.scales}
+            return {"packed": self.packed, "scale_zeros": self.scale_zeros, **kept}
+        return {"codes": self.codes, "scales": self.scales, **kept}
 
     @property
     def nbytes(self) -> int:
@@ -146,8 +153,7 @@ class CpuWeight:
     def to_quantized(self) -> QuantizedWeight:
         """The weight in the checkpoint's format again (for ``state_dict`` and moving devices).
 
-        Codes come back exactly. Scales and zeros come back as the kernel holds them: int4
-        scales and zero points, and int8 scales on the bfloat16 path, went through bfloat16.
+        Exact: codes are unpacked from the kernel's layout, scales and zeros are kept as stored.
         """
         e, n, k = self.shape
         g = self.group_size
@@ -157,10 +163,9 @@ class CpuWeight:
             else:
                 q = self.codes.permute(0, 2, 1, 3).reshape(e, n, k)
                 s = self.scales.permute(0, 2, 1)
-            return QuantizedWeight(q.contiguous(), s.to(torch.float16).contiguous(), None, 8, g, self.shape)
+            return QuantizedWeight(q.contiguous(), self.stored_scales, None, 8, g, self.shape)
         groups = k // g
         padded = g + self.group_pad
-        reps = padded // self.kernel_group
         slots = int4_slots(self.n_pad, groups * padded)
         qweight = torch.empty(e, n, k // 2, dtype=torch.uint8)
         for i in range(e):
@@ -169,11 +174,7 @@ class CpuWeight:
             codes[slots] = nibbles
             codes = codes.view(self.n_pad, groups, padded)[:n, :, :g].reshape(n, k // 2, 2)
             qweight[i] = codes[..., 0] | (codes[..., 1] << 4)
-        sz = self.scale_zeros[:, ::reps, :n].float()  # [E, groups, n, 2]
-        s, zk = sz[..., 0], sz[..., 1]
-        z = 8.0 - zk / torch.where(s == 0, torch.ones_like(s), s)
-        return QuantizedWeight(qweight, s.transpose(1, 2).to(torch.float16).contiguous(),
-                               z.transpose(1, 2).to(torch.float16).contiguous(), 4, g, self.shape)
+        return QuantizedWeight(qweight, self.stored_scales, self.stored_zeros, 4, g, self.shape)
 
 
 _SLOTS: dict[tuple[int, int], torch.Tensor] = {}

@@ -7,8 +7,9 @@
 ``experts(h, weights, ids)``. ``QuantizedLinear`` does the same for one matrix
 (attention projections, lm_head). Both run the Triton kernels on CUDA. On the CPU the
 experts run torch's int4/int8 CPU kernels (``kernels/cpu_experts.py``) on a copy repacked
-once into those kernels' layout; the stored-format tensors are then released (``load()``
-repacks each layer as it is read), and ``state_dict()`` rebuilds them on demand. Linears
+once into those kernels' layout; ``load()`` repacks each layer as it is read and releases the
+stored-format tensors (``state_dict()`` rebuilds them on demand); modules built otherwise
+repack on their first CPU call and keep them. Linears
 on the CPU run the pure-torch reference.
 """
 
@@ -47,19 +48,22 @@ class QuantizedTensor(nn.Module):
         self.register_buffer("scales", torch.empty(*lead, n, k // g, dtype=torch.float16, device=device))
         self.cpu_weight: CpuWeight | None = None
 
-    def use_cpu_layout(self, qw: QuantizedWeight | None = None) -> CpuWeight:
-        """Repack ``qw`` (default: this module's tensors) for the CPU kernels and release the
-        stored-format buffers. The packed tensors are no buffers (a dtype cast of the model must
-        not touch them); ``state_dict()`` rebuilds the stored format from them."""
+    def use_cpu_layout(self, qw: QuantizedWeight | None = None, release: bool = True) -> CpuWeight:
+        """Repack ``qw`` (default: this module's tensors) for the CPU kernels; ``release`` drops
+        the stored-format buffers (``load()`` does; a first CPU call on a module built otherwise,
+        e.g. by ``patch``, keeps them). The packed tensors are no buffers (a dtype cast of the
+        model must not touch them); without the buffers ``state_dict()`` rebuilds the stored
+        format from them."""
         self.cpu_weight = CpuWeight(qw if qw is not None else self.weight())
-        self.qweight = self.scales = None
-        if self.bits == 4:
-            self.zeros = None
+        if release:
+            self.qweight = self.scales = None
+            if self.bits == 4:
+                self.zeros = None
         return self.cpu_weight
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.cpu_weight is not None:
+        if self.cpu_weight is not None and self.qweight is None:
             qw = self.cpu_weight.to_quantized()
             destination[prefix + "qweight"], destination[prefix + "scales"] = qw.qweight, qw.scales
             if qw.zeros is not None:
@@ -79,7 +83,7 @@ class QuantizedTensor(nn.Module):
             self.zeros = qw.zeros
 
     def weight(self) -> QuantizedWeight:
-        if self.cpu_weight is not None:
+        if self.cpu_weight is not None and self.qweight is None:
             return self.cpu_weight.to_quantized()
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.shape)
 
@@ -121,15 +125,15 @@ class QuantizedExperts(nn.Module):
             return topk_softmax(logits.contiguous(), top_k, renormalize)
         return route(logits, top_k, renormalize)
 
-    def use_cpu_layout(self) -> None:
+    def use_cpu_layout(self, release: bool = True) -> None:
         """Repack both weights for the CPU kernels (see QuantizedTensor.use_cpu_layout)."""
         for t in (self.w13, self.w2):
             if t.cpu_weight is None:
-                t.use_cpu_layout()
+                t.use_cpu_layout(release=release)
 
     def forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.use_kernels is None and h.device.type == "cpu":
-            self.use_cpu_layout()
+            self.use_cpu_layout(release=False)  # built outside load(): its tensors stay as they are
             return moe_experts_cpu(h, weights, ids, self.w13.cpu_weight, self.w2.cpu_weight)
         return moe_experts(h, weights, ids, self.w13.weight(), self.w2.weight(),
                            use_kernels=use_kernels(h, self.use_kernels))
