@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from molmoe_lite.config import MolmoeConfig
+from molmoe_lite.quantized import held_tensors
 from molmoe_lite.testing import full_size_config_dict, tiny_config_dict
 
 # std of the code values (uniform over the code range) used to size random scales
@@ -211,17 +212,10 @@ def module_bytes(mod: nn.Module, device_type: str | None = None) -> int:
     """Bytes of every parameter and buffer of ``mod`` (each tensor once), NF4 statistics and the
     CPU kernels' packed experts (held beside the buffers) included; only those on
     ``device_type`` ("cuda", "cpu") when given."""
-    seen: set[int] = set()
     n = 0
-    tensors = list(mod.parameters()) + list(mod.buffers())
-    for sub in mod.modules():
-        packed = getattr(sub, "cpu_weight", None)
-        if packed is not None:
-            tensors += list(packed.tensors().values())
-    for t in tensors:
-        if id(t) in seen or (device_type is not None and t.device.type != device_type):
+    for t in held_tensors(mod):
+        if device_type is not None and t.device.type != device_type:
             continue
-        seen.add(id(t))
         n += t.numel() * t.element_size()
         qs = getattr(t, "quant_state", None)
         if qs is not None:

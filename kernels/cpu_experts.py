@@ -158,11 +158,7 @@ class CpuWeight:
         e, n, k = self.shape
         g = self.group_size
         if self.bits == 8:
-            if g == k:
-                q, s = self.codes, self.scales[..., None]
-            else:
-                q = self.codes.permute(0, 2, 1, 3).reshape(e, n, k)
-                s = self.scales.permute(0, 2, 1)
+            q = self.codes if g == k else self.codes.permute(0, 2, 1, 3).reshape(e, n, k)
             return QuantizedWeight(q.contiguous(), self.stored_scales, None, 8, g, self.shape)
         groups = k // g
         padded = g + self.group_pad

@@ -342,7 +342,7 @@ def _quantize_experts_while_loading(reader, config: MolmoeConfig, quant: dict, d
             )
             for t in read:  # this layer's float experts: their pages are not needed again
                 release_pages(t)
-            del read
+            read.clear()
             prefix = experts_prefix(layer)
             for name, qw in (("w13", w13), ("w2", w2)):
                 if repacker is not None:

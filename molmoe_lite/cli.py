@@ -272,17 +272,9 @@ def _peak_rss_bytes() -> int:
 
 def _weight_bytes(model) -> int:
     """Bytes of the model's tensors, the CPU kernels' packed experts included."""
-    seen, total = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
-    for mod in model.modules():
-        cpu_weight = getattr(mod, "cpu_weight", None)
-        if cpu_weight is not None:
-            tensors += list(cpu_weight.tensors().values())
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    from molmoe_lite.quantized import held_tensors
+
+    return sum(t.numel() * t.element_size() for t in held_tensors(model))
 
 
 def cmd_run(args) -> int:

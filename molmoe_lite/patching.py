@@ -43,7 +43,6 @@ so this way saves time, not memory. ``patch`` replaces the modules and saves bot
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +51,7 @@ from torch import nn
 from molmoe_lite.kernels.availability import use_kernels
 from molmoe_lite.kernels.fused_moe import moe_experts
 from molmoe_lite.model.decoder import DenseExperts
-from molmoe_lite.quantize.format import QuantFormatError, QuantizedWeight, quantize_weight
+from molmoe_lite.quantize.format import QuantFormatError, QuantizedWeight
 from molmoe_lite.quantize.format import quantize_expert_stack as _quantize_expert_stack
 from molmoe_lite.quantized import QuantizedExperts
 from molmoe_lite.errors import MolmoeLiteError

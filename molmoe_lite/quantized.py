@@ -172,3 +172,17 @@ class QuantizedLinear(QuantizedTensor):
         if linear.bias is not None:
             mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return mod
+
+
+def held_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every tensor ``module`` holds, each once: parameters, buffers, and the CPU kernels' packed
+    expert weights (kept beside the buffers, so ``parameters()`` misses them)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    for sub in module.modules():
+        packed = getattr(sub, "cpu_weight", None)
+        if packed is not None:
+            tensors += list(packed.tensors().values())
+    unique: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        unique.setdefault(id(t), t)
+    return list(unique.values())

@@ -2,7 +2,6 @@
 format, image URLs (data URLs, --allow-files), stop strings over a stream, points in replies."""
 
 import base64
-import io
 import struct
 import zlib
 
