@@ -25,21 +25,12 @@ from torch import nn
 from molmoe_lite.config import ConfigError, MolmoeConfig
 from molmoe_lite.hub import resolve_model
 from molmoe_lite.quantize.checkpoint import open_checkpoint, release_pages, validate
-from molmoe_lite.quantize.format import (QuantizedWeight, experts_prefix, quantize_layer_experts,
-                                         quantize_weight, quantized_to_tensors)
+from molmoe_lite.quantize.format import (FLOAT_DTYPES, QUANT_METHOD, QuantizedWeight, experts_prefix,
+                                         quantize_layer_experts, quantize_weight, quantized_to_tensors)
 from molmoe_lite.quantize.layout import expected_shapes
 from molmoe_lite.errors import UsageError
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 _QUANTIZE = {"int4": 4, "int8": 8}
-QUANT_METHOD = "molmoe-lite"
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -103,7 +94,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
         return dtype
     if dtype is not None:
         try:
-            return _DTYPES[str(dtype).lower()]
+            return FLOAT_DTYPES[str(dtype).lower()]
         except KeyError:
             raise UsageError(f"dtype {dtype!r} is not one of float32, bfloat16, float16") from None
     if device.type == "cuda":

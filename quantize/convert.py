@@ -39,7 +39,9 @@ import torch
 from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint, read_json_object, validate
 from molmoe_lite.quantize.config_check import check_against_checkpoint, check_values
 from molmoe_lite.quantize.format import (
+    FLOAT_DTYPES,
     FORMAT_VERSION,
+    QUANT_METHOD,
     QuantFormatError,
     QuantizedWeight,
     dequantize,
@@ -53,7 +55,6 @@ from molmoe_lite.quantize.layout import LLM_PREFIX, expected_shapes, expert_hidd
 from molmoe_lite.quantize.planned_writer import PlannedShardWriter
 from molmoe_lite.quantize.writer import OutputError, atomic_output_dir, check_free_space
 
-QUANT_METHOD = "molmoe-lite"
 MODULES = ("experts", "attention", "lm_head")  # what ``include`` may name, in canonical order
 # Files copied next to the weights (when present); any "auto_map" in them is removed.
 COPIED_FILES = (
@@ -65,7 +66,6 @@ COPIED_FILES = (
     "processor_config.json",
     "added_tokens.json",
 )
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Fields of config.json the layout (and so the converter) cannot do without.
 _REQUIRED = ("d_model", "n_layers", "n_heads", "moe_num_experts", "embedding_size", "vit_layers", "vision_backbone")
 _REQUIRED_VISION = (
@@ -133,11 +133,11 @@ def _size(n: int) -> str:
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in FLOAT_DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.removeprefix("torch.")]
-    raise ConvertError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in FLOAT_DTYPES:
+        return FLOAT_DTYPES[dtype.removeprefix("torch.")]
+    raise ConvertError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}; got {dtype!r}")
 
 
 def _resolve_include(include: Iterable[str] | str) -> list[str]:

@@ -69,6 +69,18 @@ _MIN_SCALE = torch.finfo(torch.float16).tiny
 _QMAX = {4: 15, 8: 127}
 
 
+# ``quant_method`` in a converted checkpoint's quantization_config: ours, and only ours, loads.
+QUANT_METHOD = "molmoe-lite"
+# Float dtypes by the names users give them (``--dtype``, ``dtype=``).
+FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
 class QuantFormatError(MolmoeLiteError, ValueError):
     """A weight, a group size or a set of stored tensors that the format cannot take."""
 

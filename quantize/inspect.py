@@ -19,6 +19,7 @@ import torch
 from molmoe_lite.quantize.checkpoint import CheckpointError, open_checkpoint, read_json_object
 from molmoe_lite.quantize.config_check import check_config
 from molmoe_lite.quantize.layout import LLM_PREFIX, VIT_PREFIX
+from molmoe_lite.quantize.writer import human_size  # noqa: F401  (the CLI formats its plans with it too)
 from molmoe_lite.errors import UsageError
 
 KINDS = ("experts", "attention", "lm_head", "embeddings", "vision", "other")
@@ -108,11 +109,6 @@ def inspect_checkpoint(folder: str | Path, context: int = 4096, batch: int = 1) 
         "kv_dtype": kv_dtype,
         "kv_cache_bytes": kv,
     }
-
-
-def human_size(n: int) -> str:
-    """Bytes as GiB (from 1 GiB on) or MiB."""
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
 def format_report(info: dict[str, Any]) -> str:

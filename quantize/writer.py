@@ -46,8 +46,9 @@ class OutputError(CheckpointError, OSError):
     """An output folder or file that cannot be written (exists, not writable, no space)."""
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB"
+def human_size(n: int) -> str:
+    """Bytes as GiB (two decimals) from 1 GiB up, else MiB (one decimal)."""
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
 def check_free_space(folder: str | Path, needed_bytes: int) -> None:
@@ -62,7 +63,7 @@ def check_free_space(folder: str | Path, needed_bytes: int) -> None:
         raise OutputError(f"{folder}: cannot read free disk space ({e.strerror or e})") from e
     if free < needed_bytes:
         raise OutputError(
-            f"{folder}: not enough free disk space: needs {_gb(needed_bytes)}, {_gb(free)} free"
+            f"{folder}: not enough free disk space: needs {human_size(needed_bytes)}, {human_size(free)} free"
         )
 
 
