@@ -209,11 +209,11 @@ def _quant_state_bytes(qs) -> int:
 
 
 def module_bytes(mod: nn.Module, device_type: str | None = None) -> int:
-    """Bytes of every parameter and buffer of ``mod`` (each tensor once), NF4 statistics and the
-    CPU kernels' packed experts (held beside the buffers) included; only those on
-    ``device_type`` ("cuda", "cpu") when given."""
+    """Bytes of every parameter and buffer of ``mod`` (each tensor once) that a forward reads, NF4
+    statistics and the CPU kernels' packed experts (held beside the buffers) included; only those
+    on ``device_type`` ("cuda", "cpu") when given."""
     n = 0
-    for t in held_tensors(mod):
+    for t in held_tensors(mod, read_only=True):
         if device_type is not None and t.device.type != device_type:
             continue
         n += t.numel() * t.element_size()

@@ -76,7 +76,7 @@ def decode_floor_bytes(model) -> tuple[int, int]:
         if isinstance(mod, QuantizedExperts):
             for w in (mod.w13, mod.w2):
                 if w.cpu_weight is not None:
-                    total = w.cpu_weight.nbytes
+                    total = w.cpu_weight.read_nbytes  # not the kept fp16 copies
                 else:
                     total = sum(t.numel() * t.element_size() for t in w.buffers())
                 experts += total * cfg.moe_top_k // cfg.moe_num_experts

@@ -137,17 +137,29 @@ class CpuWeight:
     def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return self._mm_int4(x, e) if self.bits == 4 else self._mm_int8(x, e)
 
+    def kernel_tensors(self) -> dict[str, torch.Tensor]:
+        """What the kernels read: the packed codes and their scales (and offsets)."""
+        if self.bits == 4:
+            return {"packed": self.packed, "scale_zeros": self.scale_zeros}
+        return {"codes": self.codes, "scales": self.scales}
+
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything held: the kernels' tensors and the stored fp16 scales (and zeros) kept for
+        ``to_quantized``."""
         kept = {"stored_scales": self.stored_scales}
         if self.stored_zeros is not None:
             kept["stored_zeros"] = self.stored_zeros
-        if self.bits == 4:
-            return {"packed": self.packed, "scale_zeros": self.scale_zeros, **kept}
-        return {"codes": self.codes, "scales": self.scales, **kept}
+        return {**self.kernel_tensors(), **kept}
 
     @property
     def nbytes(self) -> int:
+        """Bytes held (``tensors()``)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def read_nbytes(self) -> int:
+        """Bytes one call over every expert reads (``kernel_tensors()``)."""
+        return sum(t.numel() * t.element_size() for t in self.kernel_tensors().values())
 
     # ------------------------------------------------------------------------- back to the format
     def to_quantized(self) -> QuantizedWeight:

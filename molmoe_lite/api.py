@@ -264,17 +264,8 @@ def load(
                 pending.add(key, reader.get(key))
             elif key in wanted and key not in state:
                 # one tensor at a time: each is converted before the next is read
-                target = "cpu" if key.startswith(on_cpu) else device
-                src = reader.get(key)
-                t = src.to(device=target, dtype=wanted[key][1])
-                if copies and t.data_ptr() == src.data_ptr():
-                    # still a view of the shared, writable mapping (a CPU-kept tensor already in
-                    # the wanted dtype): copy it, so the model never writes into the checkpoint
-                    t = t.clone()
-                if t.data_ptr() != src.data_ptr():
-                    release_pages(src)
-                del src
-                state[key] = t
+                target = torch.device("cpu") if key.startswith(on_cpu) else device
+                state[key] = _converted(reader.get(key), target, wanted[key][1], copies)
         if pending is not None:
             pending.check_done()
         model.load_state_dict(state, assign=True, strict=True)
@@ -282,6 +273,18 @@ def load(
     model.eval()
     model.processor = Processor.from_pretrained(folder)
     return model
+
+
+def _converted(src: torch.Tensor, device: torch.device, dtype: torch.dtype, mapped_shared: bool) -> torch.Tensor:
+    """``src`` (read from the checkpoint) on ``device`` in ``dtype``, never a view of a shared mapping."""
+    t = src.to(device=device, dtype=dtype)
+    if mapped_shared and t.data_ptr() == src.data_ptr():
+        # still a view of the shared, writable mapping (a CPU-kept tensor already in the wanted
+        # dtype): copy it, so the model never writes into the checkpoint
+        t = t.clone()
+    if t.data_ptr() != src.data_ptr():
+        release_pages(src)  # its pages are not needed again
+    return t
 
 
 def build_skeleton(config: MolmoeConfig, dtype: torch.dtype, quant: dict[str, Any] | None,

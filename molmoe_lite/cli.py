@@ -63,7 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run_parser(sub)
+    _add_quantize_parser(sub)
+    _add_inspect_parser(sub)
+    _add_compare_parser(sub)
+    _add_batch_parser(sub)
+    _add_demo_parser(sub)
+    _add_serve_parser(sub)
+    return parser
 
+
+def _add_run_parser(sub) -> None:
     run = sub.add_parser(
         "run",
         help="answer a prompt about one or more images, streaming the text",
@@ -80,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(run, 200)
     run.set_defaults(func=cmd_run)
 
+
+def _add_quantize_parser(sub) -> None:
     quant = sub.add_parser(
         "quantize",
         help="convert a release checkpoint into a compact quantised one (int4/int8 experts)",
@@ -98,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--force", action="store_true", help="replace a non-empty DST")
     quant.set_defaults(func=cmd_quantize)
 
+
+def _add_inspect_parser(sub) -> None:
     insp = sub.add_parser(
         "inspect",
         help="describe a checkpoint: quantisation, tensor sizes, GPU memory needed",
@@ -111,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     insp.set_defaults(func=cmd_inspect)
 
+
+def _add_compare_parser(sub) -> None:
     cmp_ = sub.add_parser(
         "compare",
         help="top-1 agreement and KL divergence between a float and a quantised model",
@@ -124,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--json", action="store_true", help="print the full result as JSON")
     cmp_.set_defaults(func=cmd_compare)
 
+
+def _add_batch_parser(sub) -> None:
     bat = sub.add_parser(
         "batch",
         help="answer every image of a folder or a JSONL/CSV file into a JSONL file (resumable)",
@@ -147,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--workers", type=int, default=None, metavar="N", help="with --ray: exactly N actors (default: from the cluster's GPUs/CPUs)")
     bat.set_defaults(func=cmd_batch)
 
+
+def _add_demo_parser(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="offline demo on a tiny random model (no download)",
@@ -157,8 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--float", action="store_true", help="run the float checkpoint instead of its int4 conversion")
     _add_generation_args(demo, 24)
     demo.set_defaults(func=cmd_demo)
-    _add_serve_parser(sub)
-    return parser
 
 
 def _add_serve_parser(sub) -> None:

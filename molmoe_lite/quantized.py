@@ -174,14 +174,15 @@ class QuantizedLinear(QuantizedTensor):
         return mod
 
 
-def held_tensors(module: nn.Module) -> list[torch.Tensor]:
+def held_tensors(module: nn.Module, read_only: bool = False) -> list[torch.Tensor]:
     """Every tensor ``module`` holds, each once: parameters, buffers, and the CPU kernels' packed
-    expert weights (kept beside the buffers, so ``parameters()`` misses them)."""
+    expert weights (kept beside the buffers, so ``parameters()`` misses them). ``read_only``: of
+    the CPU copies, only what the kernels read (not the fp16 copies kept for ``state_dict``)."""
     tensors = list(module.parameters()) + list(module.buffers())
     for sub in module.modules():
         packed = getattr(sub, "cpu_weight", None)
         if packed is not None:
-            tensors += list(packed.tensors().values())
+            tensors += list((packed.kernel_tensors() if read_only else packed.tensors()).values())
     unique: dict[int, torch.Tensor] = {}
     for t in tensors:
         unique.setdefault(id(t), t)

@@ -46,36 +46,48 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def check_values(cfg: dict[str, Any], where: str | Path = "config.json") -> None:
-    """Types, signs, ranges and divisibility of every size field (config.json alone)."""
-    problems: list[str] = []
-    vision = cfg.get("vision_backbone")
-    vision = vision if isinstance(vision, dict) else {}
+class _Problems(list):
+    """The problems found so far, and the checks of single fields that add to them."""
 
-    def positive(d: dict, name: str, label: str | None = None, optional: bool = False) -> bool:
+    def positive(self, d: dict, name: str, label: str | None = None, optional: bool = False) -> bool:
+        """Whether ``d[name]`` is a positive integer (a missing optional field is no problem)."""
         label = label or name
         if name not in d or d[name] is None:
             if not optional:
-                problems.append(f"{label} is missing")
+                self.append(f"{label} is missing")
             return False
         if not _is_int(d[name]) or d[name] <= 0:
-            problems.append(f"{label}={d[name]!r} must be a positive integer")
+            self.append(f"{label}={d[name]!r} must be a positive integer")
             return False
         return True
 
-    def positive_number(d: dict, name: str, label: str | None = None) -> None:
+    def positive_number(self, d: dict, name: str, label: str | None = None) -> None:
         label = label or name
         v = d.get(name)
         if v is not None and (not _is_number(v) or not v > 0 or v != v or v == float("inf")):
-            problems.append(f"{label}={v!r} must be a positive finite number")
+            self.append(f"{label}={v!r} must be a positive finite number")
 
+
+def check_values(cfg: dict[str, Any], where: str | Path = "config.json") -> None:
+    """Types, signs, ranges and divisibility of every size field (config.json alone)."""
+    problems = _Problems()
+    _check_decoder(cfg, problems)
+    vit_layers = _check_vocabulary_and_vit_layers(cfg, problems)
+    if not isinstance(cfg.get("vision_backbone"), dict):
+        problems.append(f"vision_backbone={cfg.get('vision_backbone')!r} must be an object")
+    else:
+        _check_vision(cfg["vision_backbone"], vit_layers, problems)
+    _raise(where, problems)
+
+
+def _check_decoder(cfg: dict[str, Any], problems: _Problems) -> None:
+    positive = problems.positive
     ok = {n: positive(cfg, n) for n in ("d_model", "n_layers", "n_heads", "moe_num_experts", "moe_top_k")}
     for n in ("n_kv_heads", "head_dim", "mlp_hidden_size", "max_sequence_length", "image_pooling_h",
               "image_pooling_w"):
         ok[n] = positive(cfg, n, optional=True)
-    positive_number(cfg, "mlp_ratio")
-    positive_number(cfg, "rope_theta")
-    positive_number(cfg, "layer_norm_eps")
+    for n in ("mlp_ratio", "rope_theta", "layer_norm_eps"):
+        problems.positive_number(cfg, n)
 
     if ok["d_model"] and ok["n_heads"]:
         d, h = cfg["d_model"], cfg["n_heads"]
@@ -91,45 +103,46 @@ def check_values(cfg: dict[str, Any], where: str | Path = "config.json") -> None
     if ok["moe_top_k"] and ok["moe_num_experts"] and cfg["moe_top_k"] > cfg["moe_num_experts"]:
         problems.append(f"moe_top_k={cfg['moe_top_k']} must be at most moe_num_experts={cfg['moe_num_experts']}")
 
-    positive(cfg, "embedding_size", optional=True)
-    positive(cfg, "vocab_size", optional=True)
+
+def _check_vocabulary_and_vit_layers(cfg: dict[str, Any], problems: _Problems) -> list[int] | None:
+    """The vocabulary sizes; returns ``vit_layers`` when it is a list of integers, else None."""
+    problems.positive(cfg, "embedding_size", optional=True)
+    problems.positive(cfg, "vocab_size", optional=True)
     if cfg.get("embedding_size") is None and cfg.get("vocab_size") is None:
         problems.append("embedding_size and vocab_size are both missing")
     add = cfg.get("additional_vocab_size")
     if add is not None and (not _is_int(add) or add < 0):
         problems.append(f"additional_vocab_size={add!r} must be a non-negative integer")
-
     vit_layers = cfg.get("vit_layers", [-2, -9])
     if not isinstance(vit_layers, list) or not vit_layers or not all(_is_int(i) for i in vit_layers):
         problems.append(f"vit_layers={vit_layers!r} must be a non-empty list of integers")
-        vit_layers = None
+        return None
+    return vit_layers
 
-    if not isinstance(cfg.get("vision_backbone"), dict):
-        problems.append(f"vision_backbone={cfg.get('vision_backbone')!r} must be an object")
-    else:
-        v_ok = {n: positive(vision, n, f"vision_backbone.{n}", optional=True)
-                for n in ("image_emb_dim", "image_num_heads", "image_num_key_value_heads", "image_head_dim",
-                          "image_mlp_dim", "image_num_layers", "image_num_pos", "image_patch_size")}
-        positive_number(vision, "image_norm_eps", "vision_backbone.image_norm_eps")
-        size = vision.get("image_default_input_size")
-        if size is not None:
-            if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
-                problems.append(f"vision_backbone.image_default_input_size={size!r} must be two positive integers")
-            elif v_ok["image_patch_size"]:
-                p = vision["image_patch_size"]
-                if any(s % p for s in size):
-                    problems.append(f"vision_backbone.image_default_input_size={size} is not a multiple of "
-                                    f"image_patch_size={p}")
-                elif v_ok["image_num_pos"] and vision["image_num_pos"] != (size[0] // p) * (size[1] // p) + 1:
-                    problems.append(f"vision_backbone.image_num_pos={vision['image_num_pos']} must be "
-                                    f"{(size[0] // p) * (size[1] // p) + 1} (one per {p}-pixel patch of "
-                                    f"{size[0]}x{size[1]}, plus the class token)")
-        if vit_layers is not None and v_ok["image_num_layers"]:
-            n = vision["image_num_layers"]
-            bad = [i for i in vit_layers if not -n <= i < n]
-            if bad:
-                problems.append(f"vit_layers={vit_layers} has entries outside the {n} ViT blocks: {bad}")
-    _raise(where, problems)
+
+def _check_vision(vision: dict[str, Any], vit_layers: list[int] | None, problems: _Problems) -> None:
+    v_ok = {n: problems.positive(vision, n, f"vision_backbone.{n}", optional=True)
+            for n in ("image_emb_dim", "image_num_heads", "image_num_key_value_heads", "image_head_dim",
+                      "image_mlp_dim", "image_num_layers", "image_num_pos", "image_patch_size")}
+    problems.positive_number(vision, "image_norm_eps", "vision_backbone.image_norm_eps")
+    size = vision.get("image_default_input_size")
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
+            problems.append(f"vision_backbone.image_default_input_size={size!r} must be two positive integers")
+        elif v_ok["image_patch_size"]:
+            p = vision["image_patch_size"]
+            if any(s % p for s in size):
+                problems.append(f"vision_backbone.image_default_input_size={size} is not a multiple of "
+                                f"image_patch_size={p}")
+            elif v_ok["image_num_pos"] and vision["image_num_pos"] != (size[0] // p) * (size[1] // p) + 1:
+                problems.append(f"vision_backbone.image_num_pos={vision['image_num_pos']} must be "
+                                f"{(size[0] // p) * (size[1] // p) + 1} (one per {p}-pixel patch of "
+                                f"{size[0]}x{size[1]}, plus the class token)")
+    if vit_layers is not None and v_ok["image_num_layers"]:
+        n = vision["image_num_layers"]
+        bad = [i for i in vit_layers if not -n <= i < n]
+        if bad:
+            problems.append(f"vit_layers={vit_layers} has entries outside the {n} ViT blocks: {bad}")
 
 
 def _raise(where: str | Path, problems: list[str]) -> None:
