@@ -176,14 +176,22 @@ class QuantizedLinear(QuantizedTensor):
 
 def held_tensors(module: nn.Module, read_only: bool = False) -> list[torch.Tensor]:
     """Every tensor ``module`` holds, each once: parameters, buffers, and the CPU kernels' packed
-    expert weights (kept beside the buffers, so ``parameters()`` misses them). ``read_only``: of
-    the CPU copies, only what the kernels read (not the fp16 copies kept for ``state_dict``)."""
+    expert weights (kept beside the buffers, so ``parameters()`` misses them). ``read_only``: what
+    a forward reads, so of a weight with a CPU copy only the tensors its kernels read (not the
+    stored-format buffers or fp16 copies kept for ``state_dict``)."""
     tensors = list(module.parameters()) + list(module.buffers())
+    copies: list[torch.Tensor] = []
+    stored: set[int] = set()  # buffers a CPU copy stands in for when reading
     for sub in module.modules():
         packed = getattr(sub, "cpu_weight", None)
         if packed is not None:
-            tensors += list((packed.kernel_tensors() if read_only else packed.tensors()).values())
+            copies += list((packed.kernel_tensors() if read_only else packed.tensors()).values())
+            if read_only:
+                stored.update(id(t) for t in sub.buffers(recurse=False))
     unique: dict[int, torch.Tensor] = {}
     for t in tensors:
+        if id(t) not in stored:
+            unique.setdefault(id(t), t)
+    for t in copies:  # may be the very buffers (an int8 copy can share its codes)
         unique.setdefault(id(t), t)
     return list(unique.values())

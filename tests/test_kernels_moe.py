@@ -31,7 +31,7 @@ TOL = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = [
     torch.float32,
     torch.float16,
-    # a bf16 tl.dot returns garbage in the interpreter (DESIGN.md), so bf16 is GPU-only
+    # a bf16 tl.dot returns garbage in Triton's interpreter, so bf16 is GPU-only
     pytest.param(torch.bfloat16, marks=[pytest.mark.cuda,
                                         pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs CUDA")]),
 ]
