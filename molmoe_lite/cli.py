@@ -39,6 +39,12 @@ def _add_device_args(p) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: every physical core)")
 
 
+def _add_load_args(p) -> None:
+    """How MODEL is loaded: quantised on the fly, and the preset (run, batch and serve)."""
+    p.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
+    p.add_argument("--preset", choices=["default", "small"], default="default", help="small: int4 attention and lm_head too, embeddings in CPU memory (least GPU memory)")
+
+
 def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=default_tokens, help="most tokens to generate (default %(default)s)")
@@ -82,8 +88,7 @@ def _add_run_parser(sub) -> None:
     run.add_argument("model", metavar="MODEL", help="checkpoint folder, or a hub id such as allenai/MolmoE-1B-0924")
     run.add_argument("prompt", metavar="PROMPT", help="the question or instruction")
     run.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeat for several; none = text only)")
-    run.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
-    run.add_argument("--preset", choices=["default", "small"], default="default", help="small: int4 attention and lm_head too, embeddings in CPU memory (least GPU memory)")
+    _add_load_args(run)
     run.add_argument("--max-context", type=int, default=None, metavar="N", help="KV-cache slots (default: prompt + new tokens)")
     run.add_argument("--stats", action="store_true", help="print time to first token, decode tokens/s and the memory the model used (weights + working memory)")
     run.add_argument("--points", metavar="OUT.png", default=None, help="draw the points of a pointing answer onto the (first) image")
@@ -156,8 +161,7 @@ def _add_batch_parser(sub) -> None:
     bat.add_argument("--prompt", default=None, help="prompt for rows without one (default: 'Describe this image.')")
     bat.add_argument("--max-new-tokens", type=int, default=200, help="most tokens per answer (default %(default)s)")
     bat.add_argument("--batch-size", type=int, default=8, help="images decoded together (default %(default)s)")
-    bat.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
-    bat.add_argument("--preset", choices=["default", "small"], default="default", help="small: least GPU memory")
+    _add_load_args(bat)
     _add_device_args(bat)
     bat.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                      help="run on Ray Data actors, one model per GPU (or per CPU worker); no ADDRESS starts a local Ray, "
@@ -204,8 +208,7 @@ def _add_serve_parser(sub) -> None:
     srv.add_argument("--model-name", default=None, help="the model id clients send (default: MODEL's folder name)")
     srv.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                      help="on SIGINT/SIGTERM, seconds running requests get to finish (default %(default)s)")
-    srv.add_argument("--quantize", choices=["int4", "int8"], default=None, help="quantise a float checkpoint's experts while loading")
-    srv.add_argument("--preset", choices=["default", "small"], default="default", help="small: least GPU memory")
+    _add_load_args(srv)
     _add_device_args(srv)
     srv.set_defaults(func=cmd_serve)
 
@@ -214,7 +217,7 @@ def cmd_serve(args) -> int:
     from molmoe_lite.serve.server import ServeOptions, serve
 
     keys = ("model", "host", "port", "max_batch", "max_context", "max_queue", "api_key", "allow_files",
-            "max_body_mb", "model_name", "shutdown_timeout", "quantize", "preset", "device", "dtype")
+            "max_body_mb", "model_name", "shutdown_timeout", "quantize", "preset", "device", "dtype", "threads")
     return serve(ServeOptions(**{k: getattr(args, k) for k in keys}))
 
 
@@ -405,7 +408,7 @@ def cmd_batch(args) -> int:
 
     run(args.model, args.input, args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, preset=args.preset,
-        quantize=args.quantize, ray_address=args.ray, workers=args.workers)
+        quantize=args.quantize, threads=args.threads, ray_address=args.ray, workers=args.workers)
     return 0
 
 

@@ -243,13 +243,30 @@ def test_pointing_answers_get_pixel_points():
 @pytest.mark.parametrize(
     "kwargs, word",
     [({"batch_size": 0}, "batch_size"), ({"max_new_tokens": 0}, "max_new_tokens"),
-     ({"device": "cpu"}, "already loaded"), ({"ray_address": "local"}, "path")],
+     ({"device": "cpu"}, "already loaded"), ({"threads": 1}, "already loaded"), ({"ray_address": "local"}, "path")],
 )
 def test_bad_arguments_are_usage_errors(tiny_model, tmp_path, folder, kwargs, word):
     from molmoe_lite.errors import UsageError
 
     with pytest.raises(UsageError, match=word):
         run(tiny_model, folder, tmp_path / "out.jsonl", progress=False, **kwargs)
+
+
+def test_cli_load_options_reach_load_for_batch_and_serve(monkeypatch):
+    """--threads, --quantize, --preset, --device and --dtype of `batch` and `serve` go to load()."""
+    import molmoe_lite.batch as batch_pkg
+    import molmoe_lite.serve.server as server
+    from molmoe_lite.cli import main
+
+    seen = {}
+    monkeypatch.setattr(batch_pkg, "run", lambda *a, **kw: seen.update(batch=kw))
+    monkeypatch.setattr(server, "serve", lambda options: seen.update(serve=options) or 0)
+    common = ["--threads", "1", "--quantize", "int8", "--preset", "small", "--device", "cpu", "--dtype", "float32"]
+    assert main(["batch", "M", "IN", "--out", "o.jsonl", *common]) == 0
+    assert main(["serve", "M", *common]) == 0
+    want = {"threads": 1, "quantize": "int8", "preset": "small", "device": "cpu", "dtype": "float32"}
+    assert {k: seen["batch"][k] for k in want} == want
+    assert {k: getattr(seen["serve"], k) for k in want} == want
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:

@@ -56,6 +56,7 @@ def run(
     dtype: str | None = None,
     preset: str = "default",
     quantize: str | None = None,
+    threads: int | None = None,
     transparent: str = "composite",
     ray_address: str | None = None,
     workers: int | None = None,
@@ -65,7 +66,7 @@ def run(
     dicts with id, image and optional prompt) into ``out``, skipping the ids ``out`` holds.
 
     ``model_or_path``: a loaded model (``molmoe_lite.load``) or what ``load`` takes
-    (``device``, ``dtype``, ``preset`` and ``quantize`` go to ``load``). ``prompt``: for
+    (``device``, ``dtype``, ``preset``, ``quantize`` and ``threads`` go to ``load``). ``prompt``: for
     rows without their own (default "Describe this image."). Greedy decoding of up to
     ``batch_size`` rows together; the output is written ``batch_size`` records at a time. ``ray_address``: run on Ray Data actors instead, one model each:
     ``"local"`` starts a Ray on this machine, anything else is the address of a running
@@ -80,8 +81,9 @@ def run(
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be >= 1, got {workers}")
     loaded = not isinstance(model_or_path, (str, Path))
-    if loaded and (device, dtype, quantize, preset) != (None, None, None, "default"):
-        raise UsageError("device, dtype, quantize and preset apply to a model path; this model is already loaded")
+    load_kwargs = dict(device=device, dtype=dtype, preset=preset, quantize=quantize, threads=threads)
+    if loaded and (device, dtype, quantize, preset, threads) != (None, None, None, "default", None):
+        raise UsageError("device, dtype, quantize, preset and threads apply to a model path; this model is already loaded")
     if loaded and ray_address is not None:
         raise UsageError("a Ray run loads the model in each worker: pass the model's path, not a loaded model")
     rows = read_rows(inputs, prompt)
@@ -94,7 +96,6 @@ def run(
         elif ray_address is not None:
             from molmoe_lite.batch.scale_out import ray_batches
 
-            load_kwargs = dict(device=device, dtype=dtype, preset=preset, quantize=quantize)
             batches = ray_batches(str(model_or_path), pending, load_kwargs, ray_address, workers,
                                   batch_size, max_new_tokens, transparent)
         else:
@@ -102,7 +103,7 @@ def run(
             if not loaded:
                 from molmoe_lite.api import load
 
-                model = load(model_or_path, device=device, dtype=dtype, quantize=quantize, preset=preset)
+                model = load(model_or_path, **load_kwargs)
             start = time.perf_counter()
             batches = local_batches(model, pending, batch_size, max_new_tokens, transparent)
         done, failed = _write_all(batches, results, len(pending), progress)

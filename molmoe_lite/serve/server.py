@@ -33,6 +33,7 @@ class ServeOptions:
     dtype: str | None = None
     preset: str = "default"
     quantize: str | None = None
+    threads: int | None = None
     allow_files: str | None = None
     max_body_mb: float = 20.0
     model_name: str | None = None
@@ -90,7 +91,7 @@ def build(options: ServeOptions):
         from molmoe_lite.engine import Engine
 
         model = load(folder, device=options.device, dtype=options.dtype, quantize=options.quantize,
-                     preset=options.preset)
+                     preset=options.preset, threads=options.threads)
         context = options.max_context or model.config.max_sequence_length
         engine = Engine(model, max_batch=options.max_batch, max_context=context, max_queue=options.max_queue)
         engine.start()
