@@ -28,6 +28,7 @@ the rows and ``index_add_`` sums each token's K experts. No loop runs over token
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,22 +52,31 @@ def _unpack_nibbles(qweight: torch.Tensor) -> torch.Tensor:
     return torch.stack((qweight & 15, qweight >> 4), dim=-1).flatten(-2)
 
 
+StoredScales = tuple[torch.Tensor, torch.Tensor | None]  # scales, zeros (None for int8)
+
+
 class CpuWeight:
     """One stacked quantised weight [E, N, K] in the layout of a torch CPU kernel.
 
     ``mm(x, e)``: x [M, K] (any float dtype) @ expert e's weight^T -> [M, N] float32.
+
+    ``to_quantized`` gives the stored format back exactly, which needs the stored fp16 scales
+    (and zeros): the kernels' bfloat16 copies cannot give them back. They are kept in memory
+    (for int4, 1/8 of the packed bytes: 0.4 GB for MolmoE-1B) unless ``reread_stored`` is given,
+    a function that reads them again (from the checkpoint file they came from) when needed.
     """
 
-    def __init__(self, qw: QuantizedWeight):
+    def __init__(self, qw: QuantizedWeight, reread_stored: Callable[[], StoredScales] | None = None):
         if len(qw.shape) != 3:
             raise MoEInputError(f"cpu experts: weight must be stacked [E, N, K], got {tuple(qw.shape)}")
         self.bits, self.shape, self.group_size = qw.bits, tuple(qw.shape), qw.group_size
         e, n, k = self.shape
         self.n, self.k = n, k
-        # the stored scales (and zeros) as they are, for to_quantized: the kernels' bfloat16
-        # copies cannot give them back exactly (int4: 1/9 of the packed bytes)
-        self.stored_scales = qw.scales.clone()
-        self.stored_zeros = None if qw.zeros is None else qw.zeros.clone()
+        self._reread_stored = reread_stored
+        self.stored_scales = self.stored_zeros = None
+        if reread_stored is None:
+            self.stored_scales = qw.scales.clone()
+            self.stored_zeros = None if qw.zeros is None else qw.zeros.clone()
         if qw.bits == 4:
             self._pack_int4(qw)
         else:
@@ -144,12 +154,10 @@ class CpuWeight:
         return {"codes": self.codes, "scales": self.scales}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Everything held: the kernels' tensors and the stored fp16 scales (and zeros) kept for
-        ``to_quantized``."""
-        kept = {"stored_scales": self.stored_scales}
-        if self.stored_zeros is not None:
-            kept["stored_zeros"] = self.stored_zeros
-        return {**self.kernel_tensors(), **kept}
+        """Everything held: the kernels' tensors and the stored fp16 scales (and zeros) when
+        they are kept for ``to_quantized``."""
+        kept = {"stored_scales": self.stored_scales, "stored_zeros": self.stored_zeros}
+        return {**self.kernel_tensors(), **{k: t for k, t in kept.items() if t is not None}}
 
     @property
     def nbytes(self) -> int:
@@ -165,13 +173,15 @@ class CpuWeight:
     def to_quantized(self) -> QuantizedWeight:
         """The weight in the checkpoint's format again (for ``state_dict`` and moving devices).
 
-        Exact: codes are unpacked from the kernel's layout, scales and zeros are kept as stored.
+        Exact: codes are unpacked from the kernel's layout, scales and zeros are the stored ones
+        (kept, or read again).
         """
         e, n, k = self.shape
         g = self.group_size
+        scales, zeros = self._stored()
         if self.bits == 8:
             q = self.codes if g == k else self.codes.permute(0, 2, 1, 3).reshape(e, n, k)
-            return QuantizedWeight(q.contiguous(), self.stored_scales, None, 8, g, self.shape)
+            return QuantizedWeight(q.contiguous(), scales, None, 8, g, self.shape)
         groups = k // g
         padded = g + self.group_pad
         slots = int4_slots(self.n_pad, groups * padded)
@@ -182,7 +192,19 @@ class CpuWeight:
             codes[slots] = nibbles
             codes = codes.view(self.n_pad, groups, padded)[:n, :, :g].reshape(n, k // 2, 2)
             qweight[i] = codes[..., 0] | (codes[..., 1] << 4)
-        return QuantizedWeight(qweight, self.stored_scales, self.stored_zeros, 4, g, self.shape)
+        return QuantizedWeight(qweight, scales, zeros, 4, g, self.shape)
+
+    def _stored(self) -> StoredScales:
+        if self._reread_stored is None:
+            return self.stored_scales, self.stored_zeros
+        scales, zeros = self._reread_stored()
+        groups = self.k // self.group_size
+        want = (*self.shape[:2], groups)
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if (t is None) != (name == "zeros" and self.bits == 8) or (t is not None and tuple(t.shape) != want):
+                raise MoEInputError(f"cpu experts: the {name} read again do not fit a weight of shape "
+                                    f"{self.shape} (has the checkpoint changed since it was loaded?)")
+        return scales, zeros
 
 
 _SLOTS: dict[tuple[int, int], torch.Tensor] = {}

@@ -16,6 +16,7 @@ so a load peaks near the size of the model it builds, not of the file.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -245,7 +246,7 @@ def load(
     copies = device.type != "cpu" or dtype != torch.float32 or on_the_fly
     # on the CPU, each layer's experts go straight into the CPU kernels' layout
     cpu_experts = device.type == "cpu" and quant is not None and "experts" in quant.get("modules", ["experts"])
-    pending = _ExpertRepacker(model, config, int(quant["bits"])) if cpu_experts else None
+    pending = _ExpertRepacker(model, config, int(quant["bits"]), folder) if cpu_experts else None
     with open_checkpoint(folder, shared_mmap=copies) as reader, \
             _progress(len(reader.keys()), "loading", progress) as bar:
         if on_the_fly:
@@ -265,7 +266,8 @@ def load(
             elif key in wanted and key not in state:
                 # one tensor at a time: each is converted before the next is read
                 target = torch.device("cpu") if key.startswith(on_cpu) else device
-                state[key] = _converted(reader.get(key), target, wanted[key][1], copies)
+                want = _stored_dtype(reader, key, target, wanted[key][1])
+                state[key] = _converted(reader.get(key), target, want, copies)
         if pending is not None:
             pending.check_done()
         model.load_state_dict(state, assign=True, strict=True)
@@ -273,6 +275,22 @@ def load(
     model.eval()
     model.processor = Processor.from_pretrained(folder)
     return model
+
+
+# Kept in the checkpoint's narrower float dtype (bf16/fp16) when an fp32 model loads on a CPU:
+# the token table is only looked up (the few rows of a step are widened), and the vision
+# backbone runs once per image (each block widened for its own call). The values are the same
+# as an fp32 copy's, in half the memory (0.8 GB for MolmoE-1B).
+KEPT_NARROW = ("model.transformer.wte.", "model.vision_backbone.")
+
+
+def _stored_dtype(reader, key: str, device: torch.device, wanted: torch.dtype) -> torch.dtype:
+    """The dtype ``key`` is held in: the model's, or the checkpoint's own for KEPT_NARROW."""
+    if device.type == "cpu" and wanted == torch.float32 and key.startswith(KEPT_NARROW):
+        stored = reader.dtype(key)
+        if stored in (torch.bfloat16, torch.float16):
+            return stored
+    return wanted
 
 
 def _converted(src: torch.Tensor, device: torch.device, dtype: torch.dtype, mapped_shared: bool) -> torch.Tensor:
@@ -359,10 +377,11 @@ def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor"):
 
 class _ExpertRepacker:
     """Collects each layer's quantised expert tensors as they are read and repacks a layer for
-    the CPU kernels (``QuantizedTensor.use_cpu_layout``) as soon as it is complete."""
+    the CPU kernels (``QuantizedTensor.use_cpu_layout``) as soon as it is complete. Weights read
+    from ``folder`` keep no copy of their stored scales: ``state_dict()`` reads them again."""
 
-    def __init__(self, model, config: MolmoeConfig, bits: int):
-        self.model, self.bits = model, bits
+    def __init__(self, model, config: MolmoeConfig, bits: int, folder: Path):
+        self.model, self.bits, self.folder = model, bits, folder
         leaves = ("qweight", "scales", "zeros") if bits == 4 else ("qweight", "scales")
         self.keys = {f"{experts_prefix(i)}.{name}.{leaf}": (i, name, leaf)
                      for i in range(config.n_layers) for name in ("w13", "w2") for leaf in leaves}
@@ -382,18 +401,28 @@ class _ExpertRepacker:
             module = getattr(self.model.get_submodule(experts_prefix(layer)), name)
             qw = QuantizedWeight(parts["qweight"], parts["scales"], parts.get("zeros"), self.bits,
                                  module.group_size, module.shape)
-            self.take(layer, name, qw)
-            if self.bits == 4:  # int8 keeps its codes as they are; int4 made new ones
-                for t in parts.values():
+            prefix = key.rpartition(".")[0]
+            self.take(layer, name, qw, reread=partial(_read_stored_scales, self.folder, prefix, self.bits))
+            # the kernels keep their own copies (int8: the codes themselves, still needed)
+            for leaf, t in parts.items():
+                if self.bits == 4 or leaf != "qweight":
                     release_pages(t)
 
-    def take(self, layer: int, name: str, qw: QuantizedWeight) -> None:
-        getattr(self.model.get_submodule(experts_prefix(layer)), name).use_cpu_layout(qw)
+    def take(self, layer: int, name: str, qw: QuantizedWeight, reread=None) -> None:
+        getattr(self.model.get_submodule(experts_prefix(layer)), name).use_cpu_layout(qw, reread_stored=reread)
         self.done += 1
 
     def check_done(self) -> None:
         if self.parts:  # validate() checked the keys: this would be a bug
             raise RuntimeError(f"expert tensors left unpacked: {sorted(self.parts)}")
+
+
+def _read_stored_scales(folder: Path, prefix: str, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``prefix``'s stored scales (and zeros for int4), read again from the checkpoint in ``folder``."""
+    with open_checkpoint(folder) as reader:
+        scales = reader.get(f"{prefix}.scales").clone()
+        zeros = reader.get(f"{prefix}.zeros").clone() if bits == 4 else None
+    return scales, zeros
 
 
 def apply_small_preset(model, method: str = "refit") -> list[str]:

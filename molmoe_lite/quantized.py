@@ -48,13 +48,15 @@ class QuantizedTensor(nn.Module):
         self.register_buffer("scales", torch.empty(*lead, n, k // g, dtype=torch.float16, device=device))
         self.cpu_weight: CpuWeight | None = None
 
-    def use_cpu_layout(self, qw: QuantizedWeight | None = None, release: bool = True) -> CpuWeight:
+    def use_cpu_layout(self, qw: QuantizedWeight | None = None, release: bool = True,
+                       reread_stored=None) -> CpuWeight:
         """Repack ``qw`` (default: this module's tensors) for the CPU kernels; ``release`` drops
         the stored-format buffers (``load()`` does; a first CPU call on a module built otherwise,
         e.g. by ``patch``, keeps them). The packed tensors are no buffers (a dtype cast of the
         model must not touch them); without the buffers ``state_dict()`` rebuilds the stored
-        format from them."""
-        self.cpu_weight = CpuWeight(qw if qw is not None else self.weight())
+        format from them, with the stored scales kept or, given ``reread_stored`` (see
+        ``CpuWeight``), read again from the checkpoint."""
+        self.cpu_weight = CpuWeight(qw if qw is not None else self.weight(), reread_stored)
         if release:
             self.qweight = self.scales = None
             if self.bits == 4:

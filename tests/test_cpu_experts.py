@@ -86,6 +86,28 @@ def test_repacked_weights_give_back_the_stored_format(name, bits):
         assert torch.equal(back.zeros, q13.zeros)
 
 
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_scales_read_again_instead_of_kept(bits):
+    """With ``reread_stored`` the stored scales are not held, and to_quantized reads them
+    again; scales that no longer fit the weight are an error, not a wrong weight."""
+    _, _, _, q13, _ = make_problem("odd_sizes", bits)
+    reads = []
+
+    def reread():
+        reads.append(1)
+        return q13.scales.clone(), None if q13.zeros is None else q13.zeros.clone()
+
+    c13 = CpuWeight(q13, reread_stored=reread)
+    assert set(c13.tensors()) == set(c13.kernel_tensors()) and not reads
+    back = c13.to_quantized()
+    assert reads == [1] and torch.equal(back.qweight, q13.qweight) and torch.equal(back.scales, q13.scales)
+    if bits == 4:
+        assert torch.equal(back.zeros, q13.zeros)
+    wrong = CpuWeight(q13, reread_stored=lambda: (q13.scales[:, :-1], q13.zeros))
+    with pytest.raises(MoEInputError, match="checkpoint changed"):
+        wrong.to_quantized()
+
+
 @pytest.mark.parametrize("n,k", [(16, 32), (80, 64), (128, 96)])
 def test_learned_int4_layout_inverts_the_packer(n, k):
     codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.int32)

@@ -111,6 +111,31 @@ def test_loaded_experts_are_in_the_cpu_layout(tiny_release):
     assert scales.dtype == zeros.dtype == torch.float16
 
 
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+def test_converted_experts_keep_no_copy_of_their_stored_scales(tiny_release, tmp_path, bits):
+    """Loaded from a converted folder, the CPU layout holds only what its kernels read (the
+    stored fp16 scales are not kept), and state_dict() still gives the checkpoint's expert
+    tensors back exactly, reading the scales again from the file."""
+    from safetensors.torch import load_file
+
+    from molmoe_lite.quantize.convert import convert
+
+    folder = tmp_path / f"int{bits}"
+    convert(tiny_release, folder, bits=bits, method="rtn", progress=False)
+    model = load(folder, device="cpu", progress=False)
+    for block in model.model.transformer.blocks:
+        for w in (block.mlp.experts.w13, block.mlp.experts.w2):
+            assert set(w.cpu_weight.tensors()) == set(w.cpu_weight.kernel_tensors())
+    stored = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        stored.update(load_file(shard))
+    state = model.state_dict()
+    experts = [k for k in stored if ".mlp.experts." in k]
+    assert len(experts) == len(model.model.transformer.blocks) * 2 * (3 if bits == 4 else 2)
+    for key in experts:
+        assert state[key].dtype == stored[key].dtype and torch.equal(state[key], stored[key]), key
+
+
 def test_bfloat16_model_stays_close_to_float32(tiny_release, tiny_model):
     """The tiny random model in bfloat16 (what CPUs with native bf16 load by default) against
     float32: whole-sequence logits with one image, float experts."""

@@ -100,3 +100,26 @@ def test_small_preset_on_a_converted_checkpoint(int4_folder):
         a, b = plain(**inputs)[0], small(**inputs)[0]
     # more int4 rounding on top of the stored int4 experts: close, not equal
     assert 0 < float((b - a).norm() / a.norm()) <= 0.25
+
+
+def test_fp32_on_the_cpu_keeps_the_stored_bf16_table_and_vit(int4_folder):
+    """An fp32 model on the CPU holds the token table and the vision backbone in the
+    checkpoint's bf16 (half the memory) and widens them as they run: every logit equals the
+    same model's with those weights widened to fp32 beforehand."""
+    from molmoe_lite.demo import demo_image
+
+    model = load(int4_folder, device="cpu", dtype="float32")
+    kept = ("model.transformer.wte.", "model.vision_backbone.")
+    by_dtype = {n: p.dtype for n, p in model.named_parameters()}
+    assert {n for n, d in by_dtype.items() if d == torch.bfloat16} == {n for n in by_dtype if n.startswith(kept)}
+    assert any(n.startswith(kept[1]) for n in by_dtype) and any(n.startswith(kept[0]) for n in by_dtype)
+    assert {d for n, d in by_dtype.items() if not n.startswith(kept)} == {torch.float32}
+    inputs = model.processor.process(images=demo_image(), text="Describe this image.")
+    batch = {k: v[None] for k, v in inputs.items()}
+    with torch.no_grad():
+        narrow = model(**batch)
+        model.model.vision_backbone.float()
+        model.model.transformer.wte.float()
+        wide = model(**batch)
+    assert narrow.dtype == torch.float32
+    assert torch.equal(narrow, wide)

@@ -50,7 +50,7 @@ def load_backbone(cfg_dict: dict, seed: int = 0, dtype=torch.float32) -> tuple[V
     cfg = MolmoeConfig.from_dict(cfg_dict)
     state = {k: v.to(dtype) for k, v in vision_state(cfg_dict, seed).items()}
     with torch.device("meta"):
-        model = VisionBackbone(cfg)
+        model = VisionBackbone(cfg, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval(), state
 

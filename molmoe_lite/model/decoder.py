@@ -368,7 +368,8 @@ class Transformer(nn.Module):
                 )
         table = self.wte.embedding.device
         out = self.wte(input_ids.long().to(table))
-        return out.to(self.ln_f.weight.device)  # no-op unless the table lives elsewhere
+        # no-ops unless the table lives elsewhere or is stored narrower than the compute dtype
+        return out.to(self.ln_f.weight.device, self.compute_dtype)
 
     def new_cache(self, batch: int, max_len: int | None = None, device=None) -> KVCache:
         """An empty KV cache sized for this model (max_len defaults to max_sequence_length)."""

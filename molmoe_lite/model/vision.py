@@ -17,9 +17,12 @@ Gh x Gw = 12 x 12 vectors of the LLM's width, in five steps that follow the rele
    vectors with their mean as the single query. Output row-major over the pooled grid.
 5. Projector: ``w2(silu(w1 x) * w3 x)``.
 
-Precision: weights may be fp32, bf16 or fp16. LayerNorms and attention (q, k, v, softmax,
-weighted sum) run in fp32 and cast back, as the release does with ``float32_attention``;
-the matmuls of the projections run in the weights' dtype.
+Precision: the compute dtype (fp32, bf16 or fp16) is fixed at construction. LayerNorms and
+attention (q, k, v, softmax, weighted sum) run in fp32 and cast back, as the release does with
+``float32_attention``; the matmuls of the projections run in the compute dtype. The weights
+may be stored narrower than that (``load()`` keeps a bf16 checkpoint's ViT in bf16 for an fp32
+model on a CPU: half the memory, the same values): each block is then widened for its own
+call only (``run_in_dtype``).
 
 Shape legend: B batch, n crops per sample, N = B*n crops, P patches per crop (24*24),
 F = patch inputs (14*14*3), D ViT width, C = D * len(vit_layers) pooled input width,
@@ -38,9 +41,28 @@ from molmoe_lite.errors import MolmoeLiteError
 # The processor pads batches (images and masks alike) with this exact value.
 BATCH_PAD_VALUE = -1.0
 
+# The ViT runs at most this many crops at a time, so its working memory (about 30 MB a crop
+# in fp32, at the MLP) does not grow with the number of crops of a batch. Four crops are
+# 2308 rows, already enough for full-speed matmuls (on a 2-core AVX-512 CPU: 233 GFLOP/s at
+# 2308 rows against 229 at all 7 crops of a 640x480 image).
+VIT_CROPS_PER_PASS = 4
+
 
 class VisionInputError(MolmoeLiteError, ValueError):
     """Images or image masks whose shapes do not fit the vision backbone's config."""
+
+
+def run_in_dtype(module: nn.Module, dtype: torch.dtype, *args: torch.Tensor) -> torch.Tensor:
+    """``module(*args)`` with its floating-point parameters cast to ``dtype`` for this call only.
+
+    A plain call when they already are. Otherwise the widened copies exist only during the
+    call, so a model whose weights are stored narrower holds one module's wide copy at a time.
+    """
+    params = dict(module.named_parameters())
+    if all(p.dtype == dtype or not p.is_floating_point() for p in params.values()):
+        return module(*args)
+    wide = {name: p.to(dtype) if p.is_floating_point() else p for name, p in params.items()}
+    return torch.func.functional_call(module, wide, args)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +174,7 @@ class ViT(nn.Module):
         self.patch_embedding = nn.Linear(v.patch_dim, v.emb_dim, bias=False, dtype=dtype)
         self.pre_ln = LayerNormFp32(v.emb_dim, eps=v.norm_eps, dtype=dtype)
         self.transformer = BlockCollection(v, dtype)
+        self.compute_dtype = dtype or torch.get_default_dtype()
 
     def forward(self, patches: torch.Tensor, n_blocks: int | None = None,
                 keep: tuple[int, ...] | None = None) -> list[torch.Tensor]:
@@ -161,13 +184,14 @@ class ViT(nn.Module):
         the next block has run (the 22 blocks MolmoE runs on 13 crops would hold 0.31 GiB in
         bf16 at the peak of the prefill).
         """
-        x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # [N, P, D]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [N, 1, D]
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [N, 1+P, D]
+        dtype = self.compute_dtype
+        x = run_in_dtype(self.patch_embedding, dtype, patches.to(dtype))  # [N, P, D]
+        cls = self.class_embedding.to(dtype).expand(x.shape[0], 1, -1)  # [N, 1, D]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(dtype)  # [N, 1+P, D]
         x = self.pre_ln(x)
         outputs = {}
         for i, block in enumerate(self.transformer.resblocks[:n_blocks]):
-            x = block(x)
+            x = run_in_dtype(block, dtype, x)
             if keep is None or i in keep:
                 outputs[i] = x
         return list(outputs.values()) if keep is None else [outputs[i] for i in keep]
@@ -190,7 +214,8 @@ class VisionBackbone(nn.Module):
     """``model.vision_backbone`` of the release: crops -> pooled, projected image features.
 
     Build it on the meta device and load the release's tensors (prefix stripped) with
-    ``load_state_dict(..., assign=True)``; the compute dtype is the loaded weights' dtype.
+    ``load_state_dict(..., assign=True)``. ``dtype`` is the compute dtype; weights loaded in a
+    narrower dtype are widened module by module as they run.
     """
 
     def __init__(self, cfg: MolmoeConfig, dtype: torch.dtype | None = None) -> None:
@@ -208,14 +233,19 @@ class VisionBackbone(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.image_vit.patch_embedding.weight.dtype
+        """The compute dtype (the ViT's, fixed at construction)."""
+        return self.image_vit.compute_dtype
 
     # ---- the steps of the forward pass -------------------------------------------
     def crop_features(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches [N, P, F] -> concatenated ViT features [N, P, C] (class position dropped)."""
-        # Blocks after the last one used would be computed for nothing.
-        outputs = self.image_vit(patches, n_blocks=max(self.feature_blocks) + 1, keep=self.feature_blocks)
-        return torch.cat(outputs, dim=-1)[:, 1:]
+        """patches [N, P, F] -> concatenated ViT features [N, P, C] (class position dropped),
+        VIT_CROPS_PER_PASS crops at a time."""
+        feats = []
+        for chunk in patches.split(VIT_CROPS_PER_PASS):
+            # Blocks after the last one used would be computed for nothing.
+            outputs = self.image_vit(chunk, n_blocks=max(self.feature_blocks) + 1, keep=self.feature_blocks)
+            feats.append(torch.cat(outputs, dim=-1)[:, 1:])
+        return torch.cat(feats)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, n, P, F] -> features [B, n, P, C]; crops with any exact -1.0 are all zeros."""
@@ -253,12 +283,12 @@ class VisionBackbone(nn.Module):
         # [N, Gh, ph, Gw, pw, C] -> [N*Gh*Gw, ph*pw, C]: one row per block, its vectors row-major
         x = x.reshape(B * n, Gh, ph, Gw, pw, C).permute(0, 1, 3, 2, 4, 5).reshape(B * n * Gh * Gw, ph * pw, C)
         query = x.mean(dim=1, keepdim=True)  # [N*G, 1, C]
-        pooled = self.image_pooling_2d(query, x)  # [N*G, 1, D]
+        pooled = run_in_dtype(self.image_pooling_2d, self.dtype, query, x)  # [N*G, 1, D]
         return pooled.reshape(B, n, Gh * Gw, pooled.shape[-1])
 
     def forward(self, images: torch.Tensor, image_masks: torch.Tensor | None = None) -> torch.Tensor:
         """images [B, n, P, F] (processor output, batch padding -1), image_masks [B, n, P] or None
-        -> image features [B, n, G, d] in the weights' dtype.
+        -> image features [B, n, G, d] in the compute dtype.
 
         ``image_masks=None`` means every patch is real: no padding embeddings are added.
         """
@@ -266,7 +296,7 @@ class VisionBackbone(nn.Module):
         feats = self.encode(images)  # [B, n, P, C]
         if image_masks is not None:
             feats = self.add_pad_embed(feats, image_masks)
-        return self.image_projector(self.pool(feats))  # [B, n, G, d]
+        return run_in_dtype(self.image_projector, self.dtype, self.pool(feats))  # [B, n, G, d]
 
     def _check_inputs(self, images: torch.Tensor, image_masks: torch.Tensor | None) -> None:
         v = self.cfg.vision
