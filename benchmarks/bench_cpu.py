@@ -18,6 +18,11 @@
    norms, lm_head; not the ViT, and one row of the token table), divided by the bandwidth.
    Fraction = floor time / measured time per token.
 5. Peak RSS is ``ru_maxrss`` (counts mapped weight files too), over the whole run.
+6. Time to first token is compute-bound, so it gets a floor too: the multiply-adds of the
+   prompt (ViT on every crop, pooling and projector, the decoder on every prompt token with
+   its 8 chosen experts, lm_head once; ``prompt_flops``) over the machine's matmul rate in the
+   compute dtype, measured in this process (best of a few ViT-sized matmuls). No prefill can
+   run faster than that floor without a faster number format.
 """
 
 from __future__ import annotations
@@ -47,6 +52,44 @@ def read_bandwidth_gbs(gib: int = 1, repeats: int = 5) -> float:
         best = min(best, time.perf_counter() - start)
     del t
     return gib * 2**30 / best / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, rows: int = 2308, inner: int = 1024, cols: int = 4096,
+                  repeats: int = 3) -> float:
+    """The best rate of ``x @ w.T`` at ViT-like sizes (4 crops of 577 tokens, width 1024)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inner, generator=gen).to(dtype)
+    w = torch.randn(cols, inner, generator=gen).to(dtype)
+    x @ w.T
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x @ w.T
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * inner * cols / best / 1e9
+
+
+def prompt_flops(cfg, n_crops: int, prompt_tokens: int) -> dict[str, float]:
+    """Floating-point operations (2 per multiply-add) of one prompt's prefill, by part."""
+    v = cfg.vision
+    tokens = 1 + v.grid[0] * v.grid[1]  # class token + patches per crop
+    blocks = max(i % v.num_layers for i in cfg.vit_layers) + 1  # blocks after the last used are skipped
+    kv = v.num_kv_heads * v.head_dim
+    block = tokens * (2 * v.emb_dim * v.emb_dim + 2 * v.emb_dim * kv + 2 * v.emb_dim * v.mlp_dim)
+    block += 2 * tokens * tokens * v.num_heads * v.head_dim  # scores and weighted sum
+    vit = n_crops * (blocks * block + (tokens - 1) * v.patch_dim * v.emb_dim)
+    pooled = n_crops * cfg.pooled_grid[0] * cfg.pooled_grid[1]
+    feat, window = cfg.vit_feature_dim, cfg.image_pooling_h * cfg.image_pooling_w
+    pool = pooled * (feat * v.emb_dim * (1 + 2 * window) + v.emb_dim * v.emb_dim)
+    projector = pooled * (2 * v.emb_dim * cfg.expert_hidden + cfg.expert_hidden * cfg.d_model)
+    d, t = cfg.d_model, prompt_tokens
+    kv_d = cfg.n_kv_heads * cfg.head_dim
+    attention = t * (d * (d + 2 * kv_d) + d * d) + t * t * cfg.n_heads * cfg.head_dim  # causal: half of 2 T^2
+    experts = t * cfg.moe_top_k * 3 * d * cfg.expert_hidden
+    router = t * d * cfg.moe_num_experts
+    decoder = cfg.n_layers * (attention + experts + router) + d * cfg.embedding_size
+    macs = {"vision": vit + pool + projector, "decoder": decoder}
+    return {part: 2.0 * n for part, n in macs.items()}
 
 
 def build_checkpoint(workdir: Path, method: str) -> Path:
@@ -119,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = {k: v[None] for k, v in inputs.items()}
     model.generate_from_batch(batch, {"max_new_tokens": args.new_tokens, "eos_token_id": -1})
     stats = model.last_stats
+    flops = prompt_flops(model.config, int(inputs["images"].shape[0]), stats.prompt_tokens)
+    rate = matmul_gflops(model.compute_dtype)
+    ttft_floor_s = sum(flops.values()) / (rate * 1e9)
     experts_b, other_b = decode_floor_bytes(model)
     floor_s = (experts_b + other_b) / (bandwidth * 1e9)
     per_token_s = 1.0 / stats.decode_tokens_per_s if stats.decode_tokens_per_s else float("inf")
@@ -131,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": stats.prompt_tokens,
         "new_tokens": stats.new_tokens,
         "ttft_s": round(stats.ttft_s, 2),
+        "prompt_tflop": {part: round(f / 1e12, 3) for part, f in flops.items()},
+        "matmul_gflops": round(rate, 1),
+        "ttft_floor_s": round(ttft_floor_s, 2),
+        "ttft_fraction_of_floor": round(ttft_floor_s / stats.ttft_s, 4),
         "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3),
         "read_bandwidth_gbs": round(bandwidth, 2),
         "floor_bytes_per_token": {"experts": experts_b, "other": other_b},

@@ -154,6 +154,36 @@ def test_decode_weight_bytes_counts_attention_router_topk_experts_and_lm_head(mo
     assert kv_bytes_per_token(model) == 2 * n_layers * cfg.n_kv_heads * cfg.head_dim * 2
 
 
+def test_prompt_flops_counts_the_matmuls_a_prefill_runs(monkeypatch, tiny_model):
+    """bench_cpu's time-to-first-token floor: its count of the prompt's work equals, part by part,
+    what torch's FlopCounterMode sees in a real prefill of the tiny model. The counter does not
+    see the CPU's fused attention, so the attention scores (ViT: every crop's tokens against each
+    other; decoder: causal, half of T x T) are the one term written out here."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_cpu import prompt_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from molmoe_lite.demo import demo_image
+
+    model = tiny_model
+    inputs = model.processor.process(images=demo_image(), text="Describe this image.")
+    batch = {k: v[None] for k, v in inputs.items()}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**batch, logits_at="last")
+    counts = {name: sum(c.values()) for name, c in counter.get_flop_counts().items()}
+    cfg, v = model.config, model.config.vision
+    crops, tokens = int(inputs["images"].shape[0]), int(inputs["input_ids"].shape[0])
+    assert crops > 1 and counts["MolmoE.model.vision_backbone"] > 0
+    blocks = max(i % v.num_layers for i in cfg.vit_layers) + 1
+    per_crop = 1 + v.grid[0] * v.grid[1]
+    scores = {"vision": crops * blocks * 4 * per_crop**2 * v.num_heads * v.head_dim,
+              "decoder": cfg.n_layers * 2 * tokens**2 * cfg.n_heads * cfg.head_dim}
+    counted = {"vision": counts["MolmoE.model.vision_backbone"],
+               "decoder": counts["MolmoE.model.transformer"] + counts["MolmoE.lm_head"]}
+    flops = prompt_flops(cfg, crops, tokens)
+    assert {part: flops[part] - scores[part] for part in flops} == counted
+
+
 # ---------------------------------------------------------------------------------------
 # plot_results.py
 # ---------------------------------------------------------------------------------------
