@@ -4,8 +4,9 @@
 arguments). ``sample_rows`` picks one token per row, greedy or by temperature and nucleus
 (top-p) sampling, each row with its own random generator so that a seeded request draws the
 same tokens whatever else is decoded beside it. ``TextPieces`` turns ids into streamed text:
-a piece never ends inside a UTF-8 character or inside what may become a stop string, and
-the pieces join to exactly the full decode.
+a piece never ends inside a UTF-8 character or inside what may become a stop string, nothing
+after a stop string is shown, and the pieces join to exactly the full decode; each id costs
+the decode of a few ids, not of the whole row (the engine streams every row every step).
 """
 
 from __future__ import annotations
@@ -123,19 +124,39 @@ class TextPieces:
     """Generated ids in, text pieces out: the pieces always join to the text so far.
 
     Text that ends in an incomplete UTF-8 character is held back until its last byte
-    arrives, and so is an ending that could be the start of a stop string; ``close``
-    releases the rest, cut before the first stop string when the row ended on one.
+    arrives, and so is an ending that could be the start of a stop string; once a whole
+    stop string is in the text nothing more is shown. ``close`` releases the rest, cut
+    before the first stop string when the row ended on one, and sets ``text``.
+
+    Incremental: each push decodes only a short window of ids, never the whole list. The
+    ids before ``_read`` are already text (shown, or held back in ``_held``); the new ids
+    are decoded together with the few ids before them, ``ids[_prefix:_read]``, so that
+    byte-level merges and leading spaces come out as in the full decode, and the text they
+    add is the difference of the two decodes. The window moves on once that text is
+    complete (it does not end in U+FFFD), so a push decodes a few ids, not all of them.
     """
 
     def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
         self.ids: list[int] = []
-        self.shown = ""
-        self.text = ""
+        self.text = ""  # the final text, set by close()
+        self._shown: list[str] = []  # the pieces returned so far
+        self._held = ""  # decoded, not shown: it may begin a stop string (or follow one)
+        self._prefix = 0  # ids[_prefix:_read]: context decoded again before the new ids
+        self._read = 0  # ids[:_read] are in the shown and held text
+        self._before: str | None = ""  # the decode of ids[_prefix:_read]; None: not done yet
+        self._stop_seen = False  # a whole stop string is in the text: show nothing more
 
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _unread(self) -> tuple[str, bool]:
+        """The text of ids[_read:], and whether it is complete (not ending inside a character)."""
+        if self._before is None:  # the window moved: decode its context once
+            self._before = self._decode(self.ids[self._prefix : self._read])
+        new = self._decode(self.ids[self._prefix :])[len(self._before) :]
+        return new, bool(new) and not new.endswith("\ufffd")
 
     def _held_back(self, text: str) -> int:
         """How many characters at the end of ``text`` could begin a stop string."""
@@ -144,29 +165,42 @@ class TextPieces:
                 return n
         return 0
 
-    def _show(self, text: str) -> str:
-        if not text.startswith(self.shown) or len(text) <= len(self.shown):
-            return ""
-        piece, self.shown = text[len(self.shown) :], text
-        return piece
-
     def push(self, token: int) -> str:
         """Add one generated id; the text that can be shown now (maybe empty)."""
         if self.tokenizer is None:
             return ""
         self.ids.append(token)
-        text = self._decode()
-        if text.endswith("\ufffd"):
+        if self._stop_seen:
+            return ""  # close() decodes what came after
+        new, complete = self._unread()
+        if not complete:
             return ""
-        return self._show(text[: len(text) - self._held_back(text)])
+        self._prefix, self._read, self._before = self._read, len(self.ids), None
+        # Only the held text can hold a stop string or the start of one: the shown text
+        # never ends with a stop string's beginning, so no stop string crosses into it.
+        held = self._held + new
+        stops = [held.find(s) for s in self.stop_strings if s in held]
+        if stops:
+            self._stop_seen = True
+            cut = min(stops)
+        else:
+            cut = len(held) - self._held_back(held)
+        piece, self._held = held[:cut], held[cut:]
+        if piece:
+            self._shown.append(piece)
+        return piece
 
     def close(self, stopped: bool = False) -> str:
         """The rest of the text; with ``stopped``, the text ends before its first stop string."""
-        text = self._decode() if self.tokenizer is not None else ""
+        shown = "".join(self._shown)
+        text = (shown + self._held + self._unread()[0]) if self.tokenizer is not None else ""
         if stopped:
             cuts = [text.find(s) for s in self.stop_strings if s in text]
             text = text[: min(cuts)] if cuts else text
         self.text = text
-        if not text.startswith(self.shown):  # pragma: no cover - byte-level decoding is prefix-stable
+        if not text.startswith(shown):  # pragma: no cover - the shown text holds no stop string
             raise RuntimeError("streamed text diverged from the full decode")
-        return self._show(text)
+        piece = text[len(shown) :]
+        if piece:
+            self._shown.append(piece)
+        return piece
