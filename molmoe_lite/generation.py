@@ -5,14 +5,16 @@ longest prompt + new tokens, or ``max_context``): each prompt of the batch (pads
 the processor's ``collate`` makes it) is prefilled alone into its own cache row, so each row
 computes what it would alone, and the rows then decode together, one token per row per
 step (``fast_decode``: fixed shapes, a CUDA graph where possible). Greedy by default;
-temperature and nucleus (top-p) sampling on request (``molmoe_lite.sampling``). A row stops
-at EOS or at a stop string; finished rows are filled with the pad id. Streaming decodes the
-new ids incrementally and holds back text that ends in an incomplete UTF-8 character, so the
-pieces always join to exactly the full decode.
+temperature and nucleus (top-p) sampling on request (``molmoe_lite.sampling``), row ``b``
+with its own generator seeded ``seed + b``. A row stops at EOS or at a stop string; finished
+rows are filled with the pad id. Streaming decodes the new ids incrementally and holds back
+text that ends in an incomplete UTF-8 character, so the pieces always join to exactly the
+full decode.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -88,6 +90,15 @@ def pad_id_of(settings: SamplingSettings, tok: Any, eos_ids: set[int]) -> int:
     return min(eos_ids) if eos_ids else 0
 
 
+def row_settings(settings: SamplingSettings, row: int) -> SamplingSettings:
+    """The settings of row ``row`` of a batch: its seed is ``settings.seed + row``, so rows
+    sample differently (the same seed would give identical prompts identical samples) while
+    a batch of one samples as a single call with that seed. No seed stays no seed."""
+    if settings.seed is None or row == 0:
+        return settings
+    return dataclasses.replace(settings, seed=settings.seed + row)
+
+
 class GenerationMixin:
     """``generate_from_batch``, ``stream_tokens`` and ``generate`` for ``MolmoE``."""
 
@@ -114,7 +125,8 @@ class GenerationMixin:
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row ([B] long) until all rows stop.
 
-        Rows that already stopped yield the pad id.
+        Rows that already stopped yield the pad id. With a seed, row ``b`` samples with
+        ``settings.seed + b`` (see ``row_settings``).
         """
         prompts = split_batch(batch)
         longest = max(int((p["input_ids"] != -1).sum()) for p in prompts)
@@ -125,7 +137,7 @@ class GenerationMixin:
         if settings.stop_strings and tok is None:
             raise UsageError("stop_strings need a tokenizer (pass tokenizer=...)")
         engine = Engine(self, max_batch=len(prompts), max_context=context, max_queue=len(prompts), tokenizer=tok)
-        handles = [engine.submit(p, settings) for p in prompts]
+        handles = [engine.submit(p, row_settings(settings, b)) for b, p in enumerate(prompts)]
         stats = GenerationStats(prompt_tokens=longest, batch=len(prompts))
         self.last_stats = stats
         pad = pad_id_of(settings, tok, engine.eos_ids(settings))
@@ -170,7 +182,10 @@ class GenerationMixin:
 
         Mirrors the release: ``generate_from_batch(batch, GenerationConfig(max_new_tokens=200,
         stop_strings="<|endoftext|>"), tokenizer=processor.tokenizer)``. Unbatched
-        processor output is accepted (a batch of one).
+        processor output is accepted (a batch of one). With sampling and a ``seed``, row
+        ``b`` samples with ``seed + b``, as its own generator: identical prompts give
+        different samples, as a batched sampler's rows would, and row 0 is what
+        ``generate(..., seed=seed)`` gives.
         """
         settings = SamplingSettings.merge(
             generation_config,

@@ -8,7 +8,8 @@ compared with a chi-square statistic over the most likely tokens plus one bucket
 each test also shows the statistic is far off under the wrong distribution (what a sampler
 that ignored the setting would draw), so the test can fail. Through ``generate_from_batch``
 and ``generate`` (each row prefilled alone, so fewer draws): the nucleus is respected, the
-GenerationConfig path equals the keyword path, and seeds repeat.
+GenerationConfig path equals the keyword path, seeds repeat, and row b of a seeded batch
+samples with seed + b.
 """
 
 from __future__ import annotations
@@ -144,3 +145,19 @@ def test_generate_samples_with_its_keywords(tiny_model):
     others = {tiny_model.generate(None, "Hi", seed=s, **kw) for s in range(4)}
     greedy = tiny_model.generate(None, "Hi", max_new_tokens=8)
     assert len(others | {first}) > 1 and others != {greedy}
+
+
+def test_batch_rows_sample_with_their_own_seeds(tiny_model, prompt):
+    """Row b of a seeded batch samples with seed + b: identical prompts differ, row 0 is the seed's
+    own sample, row 1 is seed + 1's."""
+    ids, _ = prompt
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    out = tiny_model.generate_from_batch({"input_ids": ids[None].repeat(2, 1)}, seed=11, **kw)
+    assert not torch.equal(out[0], out[1]), "identical prompts with one seed should sample differently"
+    for row, seed in [(0, 11), (1, 12)]:
+        alone = tiny_model.generate_from_batch({"input_ids": ids[None]}, seed=seed, **kw)
+        assert torch.equal(out[row, : alone.shape[1]], alone[0])
+        assert (out[row, alone.shape[1] :] == tiny_model.processor.tokenizer.pad_token_id).all()
+    tok = tiny_model.processor.tokenizer
+    text = tok.decode(out[0, ids.numel() :], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert tiny_model.generate(None, "Hi", seed=11, **kw) == text
