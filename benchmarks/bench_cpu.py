@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="rtn", help="rounding for the build (default %(default)s)")
     ap.add_argument("--dtype", default=None, help="override load()'s dtype")
     ap.add_argument("--threads", type=int, default=None, help="override load()'s threads")
+    ap.add_argument("--preset", default="default", help="load()'s preset (default %(default)s)")
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args(argv)
     if args.checkpoint is None and args.workdir is None:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     bandwidth = read_bandwidth_gbs()
     t0 = time.perf_counter()
-    model = load(path, device="cpu", dtype=args.dtype, threads=args.threads)
+    model = load(path, device="cpu", dtype=args.dtype, threads=args.threads, preset=args.preset)
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (480, 640, 3), generator=gen, dtype=torch.uint8).numpy()
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "cpu",
         "checkpoint": str(path),
         "dtype": str(model.compute_dtype).replace("torch.", "") if hasattr(model, "compute_dtype") else args.dtype,
+        "preset": args.preset,
         "threads": torch.get_num_threads(),
         "load_s": round(load_s, 1),
         "prompt_tokens": stats.prompt_tokens,
@@ -192,9 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": [round(x, 2) for x in load0],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
+        "commit": _commit(),
     }
     print(json.dumps(result), flush=True)
     return 0
+
+
+def _commit() -> str:
+    """The repository's commit (``-dirty`` with uncommitted changes), or "unknown"."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def _cpu_name() -> str:

@@ -122,3 +122,42 @@ def test_expert_ids_out_of_range_are_refused():
     x, weights, ids, q13, q2 = make_problem("T1", 4)
     with pytest.raises(MoEInputError, match="expert ids"):
         moe_experts_cpu(x, weights, ids + 100, CpuWeight(q13), CpuWeight(q2))
+
+
+# (rows, out features, in features, bias, int4 group, int8 group)
+LINEAR_CASES = {
+    "decode_row": (1, 96, 64, False, 32, None),
+    "kernel_rows_odd": (5, 104, 104, True, 104, None),  # N not a multiple of 16, G = K padded to 128
+    "kernel_rows_at_limit": (32, 64, 96, False, 48, 48),  # the last row count the kernel takes; odd G
+    "prompt_rows": (40, 64, 64, True, 64, None),  # one row past the limit: dequantise + float matmul
+}
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+@pytest.mark.parametrize("name", LINEAR_CASES)
+def test_quantized_linear_on_the_cpu(name, bits):
+    """A QuantizedLinear on the CPU: up to CPU_KERNEL_MAX_ROWS rows through the CPU kernels (bf16
+    bound), more rows through x @ dequant(W) (float32, tight); both against the reference."""
+    from molmoe_lite.kernels.reference import dequantize
+    from molmoe_lite.quantized import CPU_KERNEL_MAX_ROWS, QuantizedLinear
+
+    rows, n, k, bias, g4, g8 = LINEAR_CASES[name]
+    gen = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) / k**0.5)
+        if bias:
+            linear.bias.copy_(torch.randn(n, generator=gen))
+    lin = QuantizedLinear.from_linear(linear, bits, g4 if bits == 4 else g8, method="rtn")
+    x = torch.randn(2, rows, k, generator=gen)[:1]  # batch and sequence dims, as the model calls it
+    ref = x.reshape(-1, k) @ dequantize(lin.weight()).float().T
+    ref = (ref if not bias else ref + lin.bias).view(1, rows, n)
+    with torch.no_grad():
+        out = lin(x)
+    kernel = rows <= CPU_KERNEL_MAX_ROWS
+    assert (lin.cpu_weight is not None) == kernel  # built only by a call the kernel takes
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    tol = TOL[lin.cpu_weight.act_dtype] if kernel else 1e-5
+    assert rel_err(out, ref) <= tol, f"{name} int{bits}: {rel_err(out, ref):.2e} > {tol:.0e}"
+    if kernel:  # the stored tensors stay, exactly: the state dict and longer calls still read them
+        assert lin.qweight is not None and torch.equal(lin.cpu_weight.to_quantized().qweight[0], lin.qweight)
