@@ -464,22 +464,6 @@ class Transformer(nn.Module):
             self._rope_cache[key] = (cos[0], sin[0])
         return self._rope_cache[key]
 
-    def decode_static(
-        self,
-        inputs_embeds: torch.Tensor,  # [B, 1, d] this step's token embeddings
-        key_mask: torch.Tensor,  # [B, max_len] bool, True = real key, this step's slot included
-        cache: KVCache,
-        cache_pos: torch.Tensor,  # [1] long, the slot every row's k/v go to
-        kv_len: int | None = None,  # attend over the first kv_len slots (> cache_pos); None = all
-    ) -> torch.Tensor:  # [B, 1, d] after ln_f, compute dtype
-        """One decode step of rows that share their slot, through ``run``; each row's position is
-        its count of real keys so far. Attention reads the first ``kv_len`` slots (unfilled ones
-        are masked out). ``cache.length`` is not advanced; the caller tracks the position."""
-        B = inputs_embeds.shape[0]
-        slots = cache_pos.expand(B)
-        return self.run(inputs_embeds, real_positions(key_mask, slots, kv_len), key_mask[:, :kv_len], cache,
-                        slots)
-
 
 def real_positions(key_mask: torch.Tensor, slots: torch.Tensor, kv_len: int | None) -> torch.Tensor:
     """[B, 1] rotary position of the token at slot slots[b]: its row's real keys at or before that
