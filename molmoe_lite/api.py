@@ -259,7 +259,9 @@ def load(
             name, _, leaf = key.rpartition(".")
             if leaf == "weight" and name in on_read:
                 bits, group_size = on_read[name]
-                qw = quantize_weight(reader.get(key).float(), bits=bits, group_size=group_size, name=key)
+                src = reader.get(key)
+                qw = quantize_weight(src.float(), bits=bits, group_size=group_size, name=key)
+                release_pages(src)  # the float weight is not needed again
                 state.update({k: t.to(device) for k, t in quantized_to_tensors(name, qw).items()})
             elif pending is not None and pending.wants(key):
                 pending.add(key, reader.get(key))
@@ -267,7 +269,9 @@ def load(
                 # one tensor at a time: each is converted before the next is read
                 target = torch.device("cpu") if key.startswith(on_cpu) else device
                 want = _stored_dtype(reader, key, target, wanted[key][1])
-                state[key] = _converted(reader.get(key), target, want, copies)
+                # a tensor kept as stored is copied too: a view would keep the whole mapping
+                # of the file alive, with every page a load touched still in this process
+                state[key] = _converted(reader.get(key), target, want, own=copies or want != wanted[key][1])
         if pending is not None:
             pending.check_done()
         model.load_state_dict(state, assign=True, strict=True)
@@ -293,12 +297,13 @@ def _stored_dtype(reader, key: str, device: torch.device, wanted: torch.dtype) -
     return wanted
 
 
-def _converted(src: torch.Tensor, device: torch.device, dtype: torch.dtype, mapped_shared: bool) -> torch.Tensor:
-    """``src`` (read from the checkpoint) on ``device`` in ``dtype``, never a view of a shared mapping."""
+def _converted(src: torch.Tensor, device: torch.device, dtype: torch.dtype, own: bool) -> torch.Tensor:
+    """``src`` (read from the checkpoint) on ``device`` in ``dtype``; with ``own``, never a view
+    of the file's mapping."""
     t = src.to(device=device, dtype=dtype)
-    if mapped_shared and t.data_ptr() == src.data_ptr():
-        # still a view of the shared, writable mapping (a CPU-kept tensor already in the wanted
-        # dtype): copy it, so the model never writes into the checkpoint
+    if own and t.data_ptr() == src.data_ptr():
+        # still a view of the mapping (a CPU tensor already in the wanted dtype): copy it, so
+        # the model never writes into a shared mapping of the checkpoint
         t = t.clone()
     if t.data_ptr() != src.data_ptr():
         release_pages(src)  # its pages are not needed again

@@ -123,3 +123,28 @@ def test_fp32_on_the_cpu_keeps_the_stored_bf16_table_and_vit(int4_folder):
         wide = model(**batch)
     assert narrow.dtype == torch.float32
     assert torch.equal(narrow, wide)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("preset", ["default", "small"])
+def test_a_cpu_load_holds_no_view_of_the_checkpoint_file(int4_folder, preset, monkeypatch):
+    """Every tensor of a model loaded from a converted folder (bf16 float parts, float32 model on
+    the CPU) is its own memory, the ones kept as stored included: a view would keep the file's
+    whole mapping alive, and with it every page the load touched. The reader copies tensors
+    that start off a 64-byte boundary, which would hide a view by chance: here it copies none."""
+    from molmoe_lite.quantize import checkpoint
+    from molmoe_lite.quantized import held_tensors
+
+    monkeypatch.setattr(checkpoint, "_ALIGN", 1)
+
+    model = load(int4_folder, device="cpu", dtype="float32", preset=preset, progress=False)
+    files = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith(str(int4_folder)):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                files.append((start, end, fields[5]))
+    views = [tuple(t.shape) for t in held_tensors(model)
+             if t.numel() and any(a <= t.data_ptr() < b for a, b, _ in files)]
+    assert not views, f"{len(views)} tensors are views of {sorted({p for *_, p in files})}"
