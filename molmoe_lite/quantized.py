@@ -182,9 +182,12 @@ class QuantizedLinear(QuantizedTensor):
             qw = self.weight()
             zeros = None if qw.zeros is None else qw.zeros[None]
             stack = QuantizedWeight(qw.qweight[None], qw.scales[None], zeros, qw.bits, qw.group_size, (1, *qw.shape))
-            self.cpu_weight = CpuWeight(stack, reread_stored=lambda: (self.scales[None],
-                                                                      None if self.zeros is None else self.zeros[None]))
+            # a bound method, not a closure: a deep copy of the module then reads its own buffers
+            self.cpu_weight = CpuWeight(stack, reread_stored=self._stored_as_stack)
         return self.cpu_weight
+
+    def _stored_as_stack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.scales[None], None if self.zeros is None else self.zeros[None]
 
     @classmethod
     def like(cls, linear: nn.Linear, bits: int, group_size: int | None) -> "QuantizedLinear":
