@@ -43,14 +43,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def read_bandwidth_gbs(gib: int = 1, repeats: int = 5) -> float:
-    t = torch.ones(gib * 2**28, dtype=torch.float32)
-    t.sum()
+def best_seconds(work, repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``work()``, after one untimed warm-up call."""
+    work()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        t.sum()
+        work()
         best = min(best, time.perf_counter() - start)
+    return best
+
+
+def read_bandwidth_gbs(gib: int = 1, repeats: int = 5) -> float:
+    t = torch.ones(gib * 2**28, dtype=torch.float32)
+    best = best_seconds(t.sum, repeats)
     del t
     return gib * 2**30 / best / 1e9
 
@@ -61,13 +67,7 @@ def matmul_gflops(dtype: torch.dtype, rows: int = 2308, inner: int = 1024, cols:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, inner, generator=gen).to(dtype)
     w = torch.randn(cols, inner, generator=gen).to(dtype)
-    x @ w.T
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x @ w.T
-        best = min(best, time.perf_counter() - start)
-    return 2 * rows * inner * cols / best / 1e9
+    return 2 * rows * inner * cols / best_seconds(lambda: x @ w.T, repeats) / 1e9
 
 
 def prompt_flops(cfg, n_crops: int, prompt_tokens: int) -> dict[str, float]:
