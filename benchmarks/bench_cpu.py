@@ -23,7 +23,9 @@
    its 8 chosen experts, lm_head once; ``prompt_flops``) over the machine's fastest float
    matmul rate (float32, or the compute dtype when faster), measured in this process (best of
    a few ViT-sized matmuls). No float prefill runs faster than that floor; only a faster
-   number format (native bf16, int8) could.
+   number format (native bf16, int8) could. ``ttft_parts_s`` splits the measured time the same
+   way as the work (vision backbone, experts, the rest of the decoder; ``PromptTimer``), and
+   ``ttft_parts_floor_s`` gives each part's floor, so a gap can be placed.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def matmul_gflops(dtype: torch.dtype, rows: int = 2308, inner: int = 1024, cols:
 
 
 def prompt_flops(cfg, n_crops: int, prompt_tokens: int) -> dict[str, float]:
-    """Floating-point operations (2 per multiply-add) of one prompt's prefill, by part."""
+    """Floating-point operations (2 per multiply-add) of one prompt's prefill, by part: the
+    vision backbone, the decoder's experts, and the rest of the decoder (attention, router,
+    lm_head once)."""
     v = cfg.vision
     tokens = 1 + v.grid[0] * v.grid[1]  # class token + patches per crop
     blocks = max(i % v.num_layers for i in cfg.vit_layers) + 1  # blocks after the last used are skipped
@@ -88,8 +92,8 @@ def prompt_flops(cfg, n_crops: int, prompt_tokens: int) -> dict[str, float]:
     attention = t * (d * (d + 2 * kv_d) + d * d) + t * t * cfg.n_heads * cfg.head_dim  # causal: half of 2 T^2
     experts = t * cfg.moe_top_k * 3 * d * cfg.expert_hidden
     router = t * d * cfg.moe_num_experts
-    decoder = cfg.n_layers * (attention + experts + router) + d * cfg.embedding_size
-    macs = {"vision": vit + pool + projector, "decoder": decoder}
+    decoder_other = cfg.n_layers * (attention + router) + d * cfg.embedding_size
+    macs = {"vision": vit + pool + projector, "experts": cfg.n_layers * experts, "decoder_other": decoder_other}
     return {part: 2.0 * n for part, n in macs.items()}
 
 
@@ -134,6 +138,43 @@ def decode_floor_bytes(model) -> tuple[int, int]:
     return experts, other
 
 
+class PromptTimer:
+    """Seconds the prompt spends in the vision backbone and in the experts (forward hooks).
+
+    Every vision backbone call belongs to the prompt. An experts call belongs to it when it
+    routes more than one token: at batch 1 each decode step routes one. The rest of the time
+    to first token is the decoder's other work (attention, router, norms, lm_head) and glue.
+    """
+
+    def __init__(self, model):
+        self.seconds = {"vision": 0.0, "experts": 0.0}
+        self.calls = {"vision": 0, "experts": 0}  # the calls timed
+        self._started: dict[int, float] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            part = "vision" if name.endswith("vision_backbone") else "experts" if name.endswith(".mlp.experts") else None
+            if part is not None:
+                self._handles.append(module.register_forward_pre_hook(self._start))
+                self._handles.append(module.register_forward_hook(self._stop(part)))
+
+    def _start(self, module, args) -> None:
+        self._started[id(module)] = time.perf_counter()
+
+    def _stop(self, part: str):
+        def hook(module, args, output) -> None:
+            start = self._started.pop(id(module))
+            if part == "vision" or args[0].shape[0] > 1:
+                self.seconds[part] += time.perf_counter() - start
+                self.calls[part] += 1
+        return hook
+
+    def parts(self, ttft_s: float) -> dict[str, float]:
+        """The time to first token split like ``prompt_flops``; removes the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        return {**self.seconds, "decoder_other": ttft_s - sum(self.seconds.values())}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=None, help="an int4 checkpoint folder (skips the build)")
@@ -162,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     image = Image.fromarray(pixels)
     inputs = model.processor.process(images=[image], text="Describe this image.")
     batch = {k: v[None] for k, v in inputs.items()}
+    timer = PromptTimer(model)
     model.generate_from_batch(batch, {"max_new_tokens": args.new_tokens, "eos_token_id": -1})
     stats = model.last_stats
+    ttft_parts = timer.parts(stats.ttft_s)
     flops = prompt_flops(model.config, int(inputs["images"].shape[0]), stats.prompt_tokens)
     rates = {str(dt).replace("torch.", ""): matmul_gflops(dt) for dt in {torch.float32, model.compute_dtype}}
     rate = max(rates.values())
-    ttft_floor_s = sum(flops.values()) / (rate * 1e9)
+    floor_parts = {part: f / (rate * 1e9) for part, f in flops.items()}
+    ttft_floor_s = sum(floor_parts.values())
     experts_b, other_b = decode_floor_bytes(model)
     floor_s = (experts_b + other_b) / (bandwidth * 1e9)
     per_token_s = 1.0 / stats.decode_tokens_per_s if stats.decode_tokens_per_s else float("inf")
@@ -185,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_gflops": {dt: round(r, 1) for dt, r in rates.items()},
         "ttft_floor_s": round(ttft_floor_s, 2),
         "ttft_fraction_of_floor": round(ttft_floor_s / stats.ttft_s, 4),
+        "ttft_parts_s": {part: round(t, 2) for part, t in ttft_parts.items()},
+        "ttft_parts_floor_s": {part: round(t, 2) for part, t in floor_parts.items()},
         "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3),
         "read_bandwidth_gbs": round(bandwidth, 2),
         "floor_bytes_per_token": {"experts": experts_b, "other": other_b},

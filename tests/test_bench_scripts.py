@@ -177,11 +177,35 @@ def test_prompt_flops_counts_the_matmuls_a_prefill_runs(monkeypatch, tiny_model)
     blocks = max(i % v.num_layers for i in cfg.vit_layers) + 1
     per_crop = 1 + v.grid[0] * v.grid[1]
     scores = {"vision": crops * blocks * 4 * per_crop**2 * v.num_heads * v.head_dim,
-              "decoder": cfg.n_layers * 2 * tokens**2 * cfg.n_heads * cfg.head_dim}
-    counted = {"vision": counts["MolmoE.model.vision_backbone"],
-               "decoder": counts["MolmoE.model.transformer"] + counts["MolmoE.lm_head"]}
+              "decoder_other": cfg.n_layers * 2 * tokens**2 * cfg.n_heads * cfg.head_dim}
+    experts = sum(counts[f"MolmoE.model.transformer.blocks.{i}.mlp.experts"] for i in range(cfg.n_layers))
+    assert experts > 0
+    counted = {"vision": counts["MolmoE.model.vision_backbone"], "experts": experts,
+               "decoder_other": counts["MolmoE.model.transformer"] + counts["MolmoE.lm_head"] - experts}
     flops = prompt_flops(cfg, crops, tokens)
-    assert {part: flops[part] - scores[part] for part in flops} == counted
+    assert {part: flops[part] - scores.get(part, 0) for part in flops} == counted
+
+
+def test_prompt_timer_times_the_prompt_and_not_the_decode_steps(monkeypatch, tiny_model):
+    """bench_cpu's split of the time to first token: the vision backbone once and each layer's
+    experts once (the prompt's calls), none of the later decode steps' calls; the parts add
+    up to the time to first token."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_cpu import PromptTimer
+
+    from molmoe_lite.demo import demo_image
+
+    model = tiny_model
+    inputs = model.processor.process(images=demo_image(), text="Describe this image.")
+    timer = PromptTimer(model)
+    model.generate_from_batch({k: v[None] for k, v in inputs.items()}, {"max_new_tokens": 4, "eos_token_id": -1})
+    ttft = model.last_stats.ttft_s
+    parts = timer.parts(ttft)
+    assert timer.calls == {"vision": 1, "experts": model.config.n_layers}
+    assert parts["vision"] > 0 and parts["experts"] > 0 and parts["decoder_other"] > 0
+    assert sum(parts.values()) == pytest.approx(ttft)
+    model.generate_from_batch({k: v[None] for k, v in inputs.items()}, {"max_new_tokens": 2, "eos_token_id": -1})
+    assert timer.calls == {"vision": 1, "experts": model.config.n_layers}  # the hooks are gone
 
 
 # ---------------------------------------------------------------------------------------
