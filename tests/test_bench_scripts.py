@@ -9,7 +9,8 @@ its launch path on tiny shapes under the interpreter and the choice of the best 
 targets.py: each target judged pass / fail / missing from synthetic records; gpu_check.sh: its
 worst-case time, a limit on every command, the archive it leaves, and the pytest behaviour on
 an interrupt its test stages rely on; bench_serve.py: one flat record per concurrency
-from a real server on the tiny model.
+from a real server on the tiny model; bench_cpu.py: the prefill floor's count of work and the
+split of the time to first token; cpu_prefill_candidates.py: its smoke run.
 """
 
 import json
@@ -206,6 +207,16 @@ def test_prompt_timer_times_the_prompt_and_not_the_decode_steps(monkeypatch, tin
     assert sum(parts.values()) == pytest.approx(ttft)
     model.generate_from_batch({k: v[None] for k, v in inputs.items()}, {"max_new_tokens": 2, "eos_token_id": -1})
     assert timer.calls == {"vision": 1, "experts": model.config.n_layers}  # the hooks are gone
+
+
+def test_cpu_prefill_candidates_smoke_checks_every_candidate():
+    """The script checks each candidate against a float32 reference before timing it (an assert
+    in the script): the smoke run passes those checks and prints every measurement."""
+    res = _run([BENCH / "cpu_prefill_candidates.py", "--smoke", "--repeats", "1"])
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["measure"] for r in records] == ["expert_rows", "expert_rows", "expert_layer", "vit_linear"]
+    assert 0 < records[-1]["int8_relative_error"] < 0.05
 
 
 # ---------------------------------------------------------------------------------------
