@@ -10,6 +10,8 @@ all of them together, each row at its own position, and samples each row with it
 settings and its own random generator. A row that finishes (EOS, a stop string, its token
 limit, a cancel) gives its row back at once; a queued request takes it at the next step,
 while the others keep decoding. Each step gives every running row exactly one new token.
+A stop string ends a row at the id that makes the row's ``TextPieces`` see it, so the ids
+a row decodes and the text its caller is shown agree on where the answer ended.
 
 ``Engine.start()`` runs the steps in a daemon thread; ``Engine.step()`` runs one (tests).
 Only the engine's thread touches the model; ``submit`` and the handles are thread-safe.
@@ -28,7 +30,8 @@ import torch
 
 from molmoe_lite.errors import MolmoeLiteError, UsageError
 from molmoe_lite.fast_decode import DecodeStep
-from molmoe_lite.sampling import SamplingSettings, TextPieces, check_finite, eos_ids_of, hits_stop, sample_rows
+from molmoe_lite.sampling import (SamplingSettings, TextPieces, check_finite, eos_ids_of, sample_rows,
+                                  stop_token_ids)
 
 
 class GPUMemoryError(MolmoeLiteError, MemoryError):
@@ -114,7 +117,7 @@ class _Row:
     handle: RequestHandle
     inputs: dict[str, torch.Tensor]  # one prompt, unbatched, no padding
     settings: SamplingSettings
-    eos_ids: set[int]
+    end_ids: set[int]  # EOS ids, and the special tokens its stop strings name
     text: TextPieces
     generator: torch.Generator | None
     slot: int = -1  # the KV-cache row it occupies while running
@@ -264,7 +267,7 @@ class Engine:
         generator = None if settings.seed is None else torch.Generator(device=device).manual_seed(settings.seed)
         return _Row(
             handle=RequestHandle(prompt["input_ids"].numel()), inputs=prompt, settings=settings,
-            eos_ids=self.eos_ids(settings),
+            end_ids=self.eos_ids(settings) | stop_token_ids(settings.stop_strings, self.tokenizer),
             text=TextPieces(self.tokenizer, settings.stop_strings), generator=generator,
         )
 
@@ -365,11 +368,11 @@ class Engine:
         for row, token in zip(rows, tokens):
             row.ids.append(token)
             row.pending = token
-            if token in row.eos_ids:
+            if token in row.end_ids:
                 self._end(row, "stop")
                 continue
             row.handle._piece(row.text.push(token))
-            if hits_stop(row.ids, row.settings.stop_strings, self.tokenizer):
+            if row.text.stopped:
                 self._end(row, "stop")
             elif len(row.ids) >= row.settings.max_new_tokens:
                 self._end(row, "length")
@@ -380,7 +383,7 @@ class Engine:
 
     def _end(self, row: _Row, reason: str) -> None:
         self._release(row)
-        row.handle._piece(row.text.close(stopped=reason == "stop"))
+        row.handle._piece(row.text.close())
         n = len(row.ids)
         row.handle._finish(Completion(row.text.text, list(row.ids), reason, row.prompt_tokens, n))
 

@@ -25,7 +25,7 @@ import torch
 
 from molmoe_lite.engine import Engine, GPUMemoryError, RequestHandle  # noqa: F401 (GPUMemoryError re-exported)
 from molmoe_lite.errors import UsageError
-from molmoe_lite.sampling import SamplingSettings, TextPieces, _sample, hits_stop  # noqa: F401 (re-exported)
+from molmoe_lite.sampling import SamplingSettings, TextPieces, _sample  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -160,8 +160,6 @@ class GenerationMixin:
             yield torch.tensor(tokens, device=self.device)
             if running == 0:
                 return
-
-    _hits_stop = staticmethod(hits_stop)
 
     @torch.inference_mode()
     def generate_from_batch(

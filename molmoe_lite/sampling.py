@@ -3,10 +3,13 @@
 ``SamplingSettings`` gathers one request's choices (from a GenerationConfig and keyword
 arguments). ``sample_rows`` picks one token per row, greedy or by temperature and nucleus
 (top-p) sampling, each row with its own random generator so that a seeded request draws the
-same tokens whatever else is decoded beside it. ``TextPieces`` turns ids into streamed text:
-a piece never ends inside a UTF-8 character or inside what may become a stop string, nothing
-after a stop string is shown, and the pieces join to exactly the full decode; each id costs
-the decode of a few ids, not of the whole row (the engine streams every row every step).
+same tokens whatever else is decoded beside it. ``TextPieces`` turns ids into streamed text
+and is the one judge of stop strings: a piece never ends inside a UTF-8 character or inside
+what may become a stop string, the text ends before the first stop string (the engine ends
+the row at the id that completes it: OpenAI's ``stop``), and the pieces join to exactly the
+full decode so cut; each id costs the decode of a few ids, not of the whole row (the engine
+streams every row every step). ``stop_token_ids`` covers stop strings that name a special
+token, which shows no text.
 """
 
 from __future__ import annotations
@@ -100,15 +103,16 @@ def eos_ids_of(settings: SamplingSettings, tokenizer: Any) -> set[int]:
     return set() if eos is None else set(eos) if isinstance(eos, tuple) else {eos}
 
 
-def hits_stop(ids: list[int], stops: tuple[str, ...], tok: Any) -> bool:
-    """Whether the text of ``ids`` ends with (contains, near its end) one of the stop strings."""
-    if not stops:
-        return False
-    # byte-level BPE: a stop string of n UTF-8 bytes spans at most n tokens, plus one that
-    # may carry bytes before it
-    longest = max(len(s.encode("utf-8")) for s in stops)
-    tail = tok.decode(ids[-(longest + 1) :], skip_special_tokens=False)
-    return any(s in tail for s in stops)
+def stop_token_ids(stops: tuple[str, ...], tokenizer: Any) -> set[int]:
+    """The special tokens that the stop strings name (the release's ``stop_strings="<|endoftext|>"``).
+
+    Such a token shows no text, so ``TextPieces`` never sees its name in the text: the
+    engine ends a row at it as at an EOS id, with the answer's text unchanged.
+    """
+    if not stops or tokenizer is None:
+        return set()
+    added = tokenizer.get_added_vocab()
+    return {added[s] for s in stops if s in added and tokenizer.decode([added[s]], skip_special_tokens=True) == ""}
 
 
 def check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
@@ -123,10 +127,13 @@ def check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
 class TextPieces:
     """Generated ids in, text pieces out: the pieces always join to the text so far.
 
-    Text that ends in an incomplete UTF-8 character is held back until its last byte
-    arrives, and so is an ending that could be the start of a stop string; once a whole
-    stop string is in the text nothing more is shown. ``close`` releases the rest, cut
-    before the first stop string when the row ended on one, and sets ``text``.
+    This is where a stop string is found, for everyone: ``stopped`` turns true at the id
+    whose text completes a stop string (even when that id also starts a character whose
+    last byte has not come yet), and the engine ends the row right then. Text that ends in
+    an incomplete UTF-8 character is held back until its last byte arrives, and so is an
+    ending that could be the start of a stop string; the piece that finds a stop string
+    ends just before it, and nothing after it is ever shown. ``close`` releases the rest
+    (nothing, once stopped) and sets ``text``, the pieces joined.
 
     Incremental: each push decodes only a short window of ids, never the whole list. The
     ids before ``_read`` are already text (shown, or held back in ``_held``); the new ids
@@ -142,11 +149,16 @@ class TextPieces:
         self.ids: list[int] = []
         self.text = ""  # the final text, set by close()
         self._shown: list[str] = []  # the pieces returned so far
-        self._held = ""  # decoded, not shown: it may begin a stop string (or follow one)
+        self._held = ""  # decoded, not shown: it may begin a stop string
         self._prefix = 0  # ids[_prefix:_read]: context decoded again before the new ids
         self._read = 0  # ids[:_read] are in the shown and held text
         self._before: str | None = ""  # the decode of ids[_prefix:_read]; None: not done yet
         self._stop_seen = False  # a whole stop string is in the text: show nothing more
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the text so far holds a stop string (the row's answer ends before it)."""
+        return self._stop_seen
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -167,40 +179,36 @@ class TextPieces:
 
     def push(self, token: int) -> str:
         """Add one generated id; the text that can be shown now (maybe empty)."""
-        if self.tokenizer is None:
+        if self.tokenizer is None or self._stop_seen:
             return ""
         self.ids.append(token)
-        if self._stop_seen:
-            return ""  # close() decodes what came after
         new, complete = self._unread()
-        if not complete:
-            return ""
-        self._prefix, self._read, self._before = self._read, len(self.ids), None
         # Only the held text can hold a stop string or the start of one: the shown text
         # never ends with a stop string's beginning, so no stop string crosses into it.
+        # The characters before an incomplete one are final, so a stop string among them
+        # counts now, not one id later.
         held = self._held + new
-        stops = [held.find(s) for s in self.stop_strings if s in held]
-        if stops:
+        cuts = [held.find(s) for s in self.stop_strings if s in held]
+        if cuts:
             self._stop_seen = True
-            cut = min(stops)
+            piece, self._held = held[: min(cuts)], ""
+        elif not complete:
+            return ""
         else:
+            self._prefix, self._read, self._before = self._read, len(self.ids), None
             cut = len(held) - self._held_back(held)
-        piece, self._held = held[:cut], held[cut:]
+            piece, self._held = held[:cut], held[cut:]
         if piece:
             self._shown.append(piece)
         return piece
 
-    def close(self, stopped: bool = False) -> str:
-        """The rest of the text; with ``stopped``, the text ends before its first stop string."""
-        shown = "".join(self._shown)
-        text = (shown + self._held + self._unread()[0]) if self.tokenizer is not None else ""
-        if stopped:
-            cuts = [text.find(s) for s in self.stop_strings if s in text]
-            text = text[: min(cuts)] if cuts else text
-        self.text = text
-        if not text.startswith(shown):  # pragma: no cover - the shown text holds no stop string
-            raise RuntimeError("streamed text diverged from the full decode")
-        piece = text[len(shown) :]
-        if piece:
-            self._shown.append(piece)
-        return piece
+    def close(self) -> str:
+        """The rest of the text (none after a stop string); sets ``text``, all the pieces joined."""
+        rest = ""
+        if self.tokenizer is not None and not self._stop_seen:
+            # what was held back as a possible stop string's start, and an incomplete character
+            rest = self._held + self._unread()[0]
+        if rest:
+            self._shown.append(rest)
+        self.text = "".join(self._shown)
+        return rest

@@ -133,19 +133,66 @@ def test_seeded_sampling_is_the_same_alone_or_in_a_batch(model):
     assert h_alone.result().token_ids != greedy, "temperature 1 should leave the greedy path"
 
 
+def first_stop(model, ids: list[int], stop: str) -> int:
+    """How many of ``ids`` it takes for their text (as a user is shown it) to hold ``stop``."""
+    tok = model.processor.tokenizer
+    decode = lambda k: tok.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False)  # noqa: E731
+    return next(k for k in range(1, len(ids) + 1) if stop in decode(k))
+
+
 def test_stop_string_ends_the_row_and_is_cut_from_the_text(model):
-    case = PROMPTS[1]
+    case, other = PROMPTS[1], PROMPTS[3]
     full = solo_text(model, case, max_new_tokens=12)
     assert len(full) >= 6, full
     stop = full[3:5]
+    greedy = solo_ids(model, inputs_for(model, case), max_new_tokens=12, eos_token_id=-5)
+    k = first_stop(model, greedy, stop)
+    assert k < 12, "the stop string should end the row before max_new_tokens"
     engine = Engine(model, max_batch=2, max_context=1024)
     handle = engine.submit(inputs_for(model, case), SamplingSettings(max_new_tokens=12, stop_strings=(stop,)))
+    # a row beside it, without stop strings, runs on to its own end
+    beside = engine.submit(inputs_for(model, other), SamplingSettings(max_new_tokens=12, eos_token_id=-5))
     run_to_end(engine)
     pieces = list(handle.stream())
     result = handle.result()
     assert result.finish_reason == "stop"
     assert result.text == full[: full.find(stop)]
     assert "".join(pieces) == result.text
+    # decoding ends at the id that completes the stop string, not one later
+    assert result.token_ids == greedy[:k] and result.completion_tokens == k
+    alone = beside.result()
+    assert alone.finish_reason == "length"
+    assert alone.token_ids == solo_ids(model, inputs_for(model, other), max_new_tokens=12, eos_token_id=-5)
+
+
+def test_a_stop_string_naming_a_special_token_ends_the_row_at_it(model, monkeypatch):
+    """Special tokens show no text, so their stop strings end a row as an EOS id does."""
+    import molmoe_lite.engine as engine_module
+
+    tok = model.processor.tokenizer
+    special = tok.convert_tokens_to_ids("<im_end>")
+    real_sample = engine_module.sample_rows
+    calls = []
+
+    def third_is_special(logits, settings, generators):  # the model emits <im_end> as its 3rd token
+        calls.append(1)
+        tokens = real_sample(logits, settings, generators)
+        return [special] * len(tokens) if len(calls) == 3 else tokens
+
+    monkeypatch.setattr(engine_module, "sample_rows", third_is_special)
+    results = {}
+    for stops in [("<im_end>",), ("never-there",)]:
+        calls.clear()
+        engine = Engine(model, max_batch=1, max_context=1024)
+        handle = engine.submit(inputs_for(model, PROMPTS[1]),
+                               SamplingSettings(max_new_tokens=6, stop_strings=stops, eos_token_id=-5))
+        run_to_end(engine)
+        results[stops[0]] = handle.result()
+    named, unnamed = results["<im_end>"], results["never-there"]
+    assert named.finish_reason == "stop" and named.token_ids == unnamed.token_ids[:3]
+    assert named.token_ids[2] == special
+    assert unnamed.finish_reason == "length" and len(unnamed.token_ids) == 6
+    assert named.text == tok.decode(named.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def test_streamed_pieces_join_to_the_text(model):

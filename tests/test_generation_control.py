@@ -73,9 +73,9 @@ def test_generate_text_is_the_decoded_greedy_tokens(tiny_model, greedy12):
 
 
 def _first_hit(tokens: list[int], stop: str, tok) -> int:
-    """Tokens up to and including the first at which the decoded text holds ``stop``."""
+    """Tokens up to and including the first at which the text (as a user is shown it) holds ``stop``."""
     for k in range(1, len(tokens) + 1):
-        if stop in tok.decode(tokens[:k], skip_special_tokens=False):
+        if stop in tok.decode(tokens[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False):
             return k
     raise AssertionError("the stop string never appears")
 

@@ -52,6 +52,13 @@ def _post(url, **kw):
     return httpx.post(url, timeout=120, **kw)
 
 
+def _stream_events(server, body) -> list[str]:
+    """The server-sent events of one streamed request, ``data: [DONE]`` last."""
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return [line for line in r.iter_lines() if line]
+
+
 def _poll(check, timeout=60.0, show=None):
     """Wait (bounded) until check() is truthy; return its value. ``show()`` goes into the failure."""
     deadline = time.monotonic() + timeout
@@ -96,9 +103,7 @@ def test_openai_client_stream_equals_generate(serve_server, tiny_model):
 
 def test_stream_ends_with_done(serve_server):
     body = {"model": SERVE_MODEL, "messages": _user("hi"), "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", serve_server.url + "/v1/chat/completions", json=body, timeout=120) as r:
-        assert r.headers["content-type"].startswith("text/event-stream")
-        events = [line for line in r.iter_lines() if line]
+    events = _stream_events(serve_server, body)
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
@@ -129,6 +134,31 @@ def test_stop_string_cuts_the_answer(serve_server, tiny_model):
         model=SERVE_MODEL, messages=_user("Describe this image.", image), max_tokens=TOKENS, stop=[stop])
     assert r.choices[0].message.content == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_streamed_stop_string_never_shows_its_start(serve_server, tiny_model):
+    image = _image(0)
+    solo = list(tiny_model.generate(image, "Describe this image.", max_new_tokens=TOKENS, stream=True))
+    full = "".join(solo)
+    # a stop string whose characters come in different pieces: its start is decoded (and
+    # could be streamed) before the stop string is complete
+    ends = {len("".join(solo[: i + 1])) for i in range(len(solo))}
+    start = next(i for i in range(1, len(full) - 2) if any(i < e < i + 3 for e in ends) and full[i:i + 3].strip())
+    stop = full[start : start + 3]
+    events = [json.loads(line[6:]) for line in _stream_events(serve_server, {
+        "model": SERVE_MODEL, "messages": _user("Describe this image.", image), "max_tokens": TOKENS,
+        "stream": True, "stop": [stop], "stream_options": {"include_usage": True}})[:-1]]
+    sent = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert sent == full[: full.index(stop)]  # a leaked start of the stop string would show here
+    finishes = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert finishes == ["stop"]
+    # decoding ended at the id that completed the stop string, not later
+    inputs = tiny_model.processor.process(images=image, text="Describe this image.")
+    ids = tiny_model.generate_from_batch(inputs, max_new_tokens=TOKENS)[0, inputs["input_ids"].numel():].tolist()
+    tok = tiny_model.processor.tokenizer
+    needed = next(k for k in range(1, len(ids) + 1) if stop in tok.decode(
+        ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    assert events[-1]["usage"]["completion_tokens"] == needed
 
 
 def test_sixteen_concurrent_clients_each_get_their_solo_answer(serve_server, tiny_model):

@@ -1,5 +1,6 @@
 """The server's pieces without a server: request validation, the conversation -> prompt
-format, image URLs (data URLs, --allow-files), stop strings over a stream, points in replies."""
+format, image URLs (data URLs, --allow-files), points in replies. Stop strings are the
+engine's (``TextPieces``): their cases are in test_text_pieces, over a server in test_serve."""
 
 import base64
 import struct
@@ -16,7 +17,6 @@ from molmoe_lite.serve.image_urls import MAX_ASPECT, MIN_SIDE_PX, ImageLimits, r
 from molmoe_lite.serve.prompt import conversation_images, conversation_text  # noqa: E402
 from molmoe_lite.serve.responses import Reply  # noqa: E402
 from molmoe_lite.serve.schema import Turn, parse_chat_request  # noqa: E402
-from molmoe_lite.serve.stops import StopTrimmer  # noqa: E402
 from molmoe_lite.testing.server_process import image_data_url  # noqa: E402
 
 
@@ -159,28 +159,6 @@ def test_allow_files_reads_only_inside_the_folder(tmp_path):
         assert info.value.code == "files_not_allowed", url
     with pytest.raises(APIError, match="no such file"):
         read_image("sub/missing.png", limits, "p")
-
-
-# ---- stop strings over a stream ---------------------------------------------------------------
-@pytest.mark.parametrize("name, pieces, stops, sent, stopped", [
-    ("no_stop", ["ab", "cd"], ("x",), "abcd", False),
-    ("stop_inside_a_piece", ["abXYcd"], ("XY",), "ab", True),
-    ("stop_across_pieces", ["abX", "Ycd"], ("XY",), "ab", True),
-    ("false_start_released", ["abX", "Zcd"], ("XY",), "abXZcd", False),
-    ("false_start_at_the_end", ["abX"], ("XY",), "abX", False),
-    ("earliest_of_two", ["a1b2"], ("2", "1"), "a", True),
-    ("stop_at_start", ["XYz"], ("XY",), "", True),
-])
-def test_stop_trimmer(name, pieces, stops, sent, stopped):
-    trimmer = StopTrimmer(stops)
-    out = []
-    for piece in pieces:
-        got = trimmer.feed(piece)
-        out.append(got)
-        # nothing sent is ever taken back: what went out is a prefix of the final text
-        assert sent.startswith("".join(out))
-    out.append(trimmer.finish())
-    assert "".join(out) == sent and trimmer.stopped == stopped
 
 
 # ---- replies ----------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ static files. The model loads in a thread when the app starts, so the port answe
 (``/health``: 503 "loading") while it loads. A request goes: body (size-limited) ->
 JSON -> ``schema`` -> images (``image_urls``) -> the processor, in a worker thread ->
 ``engine.submit``; its text comes back through ``bridge`` as a whole response or as
-server-sent events. Every refusal is an ``APIError`` answered in OpenAI's error shape;
+server-sent events, as the engine made it: it already ends before a ``stop`` string, and no
+streamed piece holds text the answer will not (the engine's ``TextPieces`` holds back what
+may begin a stop string). Every refusal is an ``APIError`` answered in OpenAI's error shape;
 anything unexpected is logged and answered 500, and the server carries on.
 """
 
@@ -38,7 +40,6 @@ from molmoe_lite.serve.image_urls import ImageLimits, read_image
 from molmoe_lite.serve.prompt import conversation_images, conversation_text
 from molmoe_lite.serve.responses import Reply, sse
 from molmoe_lite.serve.schema import ChatRequest, parse_chat_request
-from molmoe_lite.serve.stops import StopTrimmer
 
 log = logging.getLogger("molmoe_lite.serve")
 
@@ -234,9 +235,8 @@ def _sampling_settings(req: ChatRequest, inputs: dict, loaded: Loaded, config: S
                             stop_strings=req.stop, seed=req.seed)
 
 
-def _finish_reason(trimmer: StopTrimmer, completion: Any) -> str:
-    if trimmer.stopped:
-        return "stop"
+def _finish_reason(completion: Any) -> str:
+    """The engine's reason: "stop" for EOS or a stop string (the text ends before it), "length"."""
     if completion.finish_reason == "cancelled":
         raise errors.APIError(503, "the request was cancelled (the server is shutting down)",
                               type="server_error", code="cancelled")
@@ -245,19 +245,15 @@ def _finish_reason(trimmer: StopTrimmer, completion: Any) -> str:
 
 async def _whole_answer(request: Request, stream: HandleStream, reply: Reply, req: ChatRequest) -> Response:
     watcher = asyncio.create_task(_cancel_on_disconnect(request, stream))
-    trimmer = StopTrimmer(req.stop)
-    parts: list[str] = []
     try:
-        async for piece in stream:
-            parts.append(trimmer.feed(piece))
-        parts.append(trimmer.finish())
+        async for _piece in stream:  # the pieces join to the completion's text
+            pass
     except MolmoeLiteError as exc:  # the engine failed this request (its memory, its inputs)
         raise errors.internal(f"generation failed: {exc}") from None
     finally:
         watcher.cancel()
     c = stream.completion
-    text = "".join(parts)
-    return JSONResponse(reply.completion(text, _finish_reason(trimmer, c), c.prompt_tokens, c.completion_tokens))
+    return JSONResponse(reply.completion(c.text, _finish_reason(c), c.prompt_tokens, c.completion_tokens))
 
 
 async def _cancel_on_disconnect(request: Request, stream: HandleStream) -> None:
@@ -270,20 +266,11 @@ async def _cancel_on_disconnect(request: Request, stream: HandleStream) -> None:
 async def _events(stream: HandleStream, reply: Reply, req: ChatRequest):
     """The answer as OpenAI's chunks: role first, then text, then the finish (and usage)."""
     yield sse(reply.chunk({"role": "assistant", "content": ""}))
-    trimmer = StopTrimmer(req.stop)
-    parts: list[str] = []
     try:
         async for piece in stream:
-            out = trimmer.feed(piece)
-            if out:
-                parts.append(out)
-                yield sse(reply.chunk({"content": out}))
-        rest = trimmer.finish()
-        if rest:
-            parts.append(rest)
-            yield sse(reply.chunk({"content": rest}))
+            yield sse(reply.chunk({"content": piece}))
         c = stream.completion
-        yield sse(reply.last_chunk("".join(parts), _finish_reason(trimmer, c)))
+        yield sse(reply.last_chunk(c.text, _finish_reason(c)))
         if req.include_usage:
             yield sse(reply.usage_chunk(c.prompt_tokens, c.completion_tokens))
     except errors.APIError as exc:
