@@ -25,7 +25,7 @@ from torch import nn
 
 from molmoe_lite.config import ConfigError, MolmoeConfig
 from molmoe_lite.hub import resolve_model
-from molmoe_lite.quantize.checkpoint import open_checkpoint, release_pages, validate
+from molmoe_lite.quantize.checkpoint import open_checkpoint, reading, release_pages, validate
 from molmoe_lite.quantize.format import (FLOAT_DTYPES, QUANT_METHOD, QuantizedWeight, experts_prefix,
                                          quantize_layer_experts, quantize_weight, quantized_to_tensors)
 from molmoe_lite.quantize.layout import expected_shapes
@@ -423,11 +423,14 @@ class _ExpertRepacker:
 
 
 def _read_stored_scales(folder: Path, prefix: str, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``prefix``'s stored scales (and zeros for int4), read again from the checkpoint in ``folder``."""
-    with open_checkpoint(folder) as reader:
-        scales = reader.get(f"{prefix}.scales").clone()
-        zeros = reader.get(f"{prefix}.zeros").clone() if bits == 4 else None
-    return scales, zeros
+    """``prefix``'s stored scales (and zeros for int4), read again from the checkpoint in ``folder``
+    (opened once for a whole ``state_dict()``: see ``MolmoE.state_dict``)."""
+    with reading(folder) as reader:
+        read = [reader.get(f"{prefix}.{leaf}") for leaf in (("scales", "zeros") if bits == 4 else ("scales",))]
+        copies = [t.clone() for t in read]
+        for t in read:  # the reader may stay open for the next weight: its pages need not
+            release_pages(t)
+    return copies[0], copies[1] if bits == 4 else None
 
 
 def apply_small_preset(model, method: str = "refit") -> list[str]:

@@ -15,6 +15,9 @@ Method, and why:
 - Every problem (missing or truncated file, bad index, non-tensor value) is a
   ``CheckpointError`` naming the file and what is wrong, never a library traceback.
 
+``reading(path)`` opens a checkpoint for one block; inside ``readers_kept_open()`` those blocks
+share one reader per checkpoint, closed when the outer block ends (many small re-reads, one open).
+
 ``validate`` compares a reader with the expected layout (``quantize.layout``) and
 reports every difference in one error.
 """
@@ -24,6 +27,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -418,6 +423,42 @@ def open_checkpoint(path: str | Path, *, shared_mmap: bool = False) -> Checkpoin
             return CheckpointReader(path / name, fmt, **kw)
     looked = ", ".join(name for name, _ in LAYOUTS)
     raise CheckpointError(f"{path}: no checkpoint found (looked for {looked})")
+
+
+# folder -> its reader, while a ``readers_kept_open()`` block runs
+_KEPT_OPEN: ContextVar[dict[Path, CheckpointReader] | None] = ContextVar("kept_open", default=None)
+
+
+@contextmanager
+def readers_kept_open() -> Iterator[None]:
+    """Within the block, ``reading(path)`` opens each checkpoint once and keeps it open for later
+    calls; every reader is closed when the block ends (nothing read stays cached). Nests."""
+    if _KEPT_OPEN.get() is not None:
+        yield
+        return
+    readers: dict[Path, CheckpointReader] = {}
+    token = _KEPT_OPEN.set(readers)
+    try:
+        yield
+    finally:
+        _KEPT_OPEN.reset(token)
+        for reader in readers.values():
+            reader.close()
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[CheckpointReader]:
+    """``open_checkpoint(path)`` for one block, closed after it; inside ``readers_kept_open()``
+    the reader is shared with every other ``reading(path)`` of the block, and stays open."""
+    readers = _KEPT_OPEN.get()
+    if readers is None:
+        with open_checkpoint(path) as reader:
+            yield reader
+        return
+    path = Path(path)
+    if path not in readers:
+        readers[path] = open_checkpoint(path)
+    yield readers[path]
 
 
 def validate(reader: CheckpointReader, expected: dict[str, tuple[int, ...]]) -> None:

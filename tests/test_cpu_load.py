@@ -112,12 +112,16 @@ def test_loaded_experts_are_in_the_cpu_layout(tiny_release):
 
 
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
-def test_converted_experts_keep_no_copy_of_their_stored_scales(tiny_release, tmp_path, bits):
+def test_converted_experts_keep_no_copy_of_their_stored_scales(tiny_release, tmp_path, bits, monkeypatch):
     """Loaded from a converted folder, the CPU layout holds only what its kernels read (the
     stored fp16 scales are not kept), and state_dict() still gives the checkpoint's expert
-    tensors back exactly, reading the scales again from the file."""
+    tensors back exactly, reading the scales again from the file: each file opened once for the
+    whole dict (not once per weight), and none left open after it."""
+    from collections import Counter
+
     from safetensors.torch import load_file
 
+    from molmoe_lite.quantize import checkpoint
     from molmoe_lite.quantize.convert import convert
 
     folder = tmp_path / f"int{bits}"
@@ -129,11 +133,28 @@ def test_converted_experts_keep_no_copy_of_their_stored_scales(tiny_release, tmp
     stored = {}
     for shard in sorted(folder.glob("*.safetensors")):
         stored.update(load_file(shard))
-    state = model.state_dict()
-    experts = [k for k in stored if ".mlp.experts." in k]
-    assert len(experts) == len(model.model.transformer.blocks) * 2 * (3 if bits == 4 else 2)
-    for key in experts:
-        assert state[key].dtype == stored[key].dtype and torch.equal(state[key], stored[key]), key
+    opened, closed, really_open = Counter(), Counter(), checkpoint._open_safetensors
+
+    class Counted:  # a safetensors handle that counts its opening and its release
+        def __init__(self, path):
+            self.path, self.handle = path, really_open(path)
+            opened[path] += 1
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __del__(self):
+            closed[self.path] += 1
+
+    monkeypatch.setattr(checkpoint, "_open_safetensors", Counted)
+    for _ in range(2):  # a second dict reads the files again: nothing was kept from the first
+        opened.clear(), closed.clear()
+        state = model.state_dict()
+        assert opened and set(opened.values()) == {1} and closed == opened, (opened, closed)
+        experts = [k for k in stored if ".mlp.experts." in k]
+        assert len(experts) == len(model.model.transformer.blocks) * 2 * (3 if bits == 4 else 2)
+        for key in experts:
+            assert state[key].dtype == stored[key].dtype and torch.equal(state[key], stored[key]), key
 
 
 def test_bfloat16_model_stays_close_to_float32(tiny_release, tiny_model):

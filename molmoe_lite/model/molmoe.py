@@ -21,6 +21,7 @@ from molmoe_lite.config import MolmoeConfig
 from molmoe_lite.generation import GenerationMixin
 from molmoe_lite.model.decoder import KVCache, Transformer
 from molmoe_lite.model.vision import VisionBackbone
+from molmoe_lite.quantize.checkpoint import readers_kept_open
 from molmoe_lite.errors import UsageError
 
 
@@ -50,6 +51,12 @@ class MolmoE(GenerationMixin, nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.transformer.ln_f.weight.device
+
+    def state_dict(self, *args, **kwargs):
+        # experts loaded from a converted folder read their stored scales again from its files:
+        # each file is opened once for the whole dict, and closed at the end (nothing kept)
+        with readers_kept_open():
+            return super().state_dict(*args, **kwargs)
 
     # ---- pieces of the forward pass ---------------------------------------------
     def embed(
