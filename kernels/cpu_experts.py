@@ -55,6 +55,31 @@ def _unpack_nibbles(qweight: torch.Tensor) -> torch.Tensor:
 StoredScales = tuple[torch.Tensor, torch.Tensor | None]  # scales, zeros (None for int8)
 
 
+def _int4_layout(n: int, group_size: int) -> tuple[int, int, int]:
+    """(stored group padded to a kernel-sized run, the kernel's group size, padded rows)."""
+    padded = group_size if group_size % 32 == 0 else math.ceil(group_size / 32) * 32
+    return padded, next(s for s in INT4_GROUPS if padded % s == 0), math.ceil(n / _N_UNIT) * _N_UNIT
+
+
+def _int8_act_dtype(group_size: int) -> torch.dtype:
+    # the vectorised bfloat16 kernel reads 16 inputs at a time, with no tail
+    return torch.bfloat16 if group_size % 16 == 0 else torch.float32
+
+
+def cpu_layout_nbytes(shape: tuple[int, int, int], bits: int, group_size: int, keeps_stored: bool) -> int:
+    """Bytes a ``CpuWeight`` of a stacked weight [E, N, K] holds (its ``nbytes``), without
+    building one: the kernels' tensors, and the stored fp16 scales (and zeros) when kept
+    (``keeps_stored``: no ``reread_stored``)."""
+    e, n, k = shape
+    groups = k // group_size
+    stored = e * n * groups * 2 * (2 if bits == 4 else 1) if keeps_stored else 0
+    if bits == 8:
+        return stored + e * n * k + e * n * groups * _int8_act_dtype(group_size).itemsize
+    padded, kernel_group, n_pad = _int4_layout(n, group_size)
+    packed = e * n_pad * groups * padded // 2
+    return stored + packed + e * groups * (padded // kernel_group) * n_pad * 2 * torch.bfloat16.itemsize
+
+
 class CpuWeight:
     """One stacked quantised weight [E, N, K] in the layout of a torch CPU kernel.
 
@@ -86,10 +111,8 @@ class CpuWeight:
     def _pack_int4(self, qw: QuantizedWeight) -> None:
         e, n, k = self.shape
         g = self.group_size
-        padded = g if g % 32 == 0 else math.ceil(g / 32) * 32  # stored group -> kernel-sized run
-        self.kernel_group = next(s for s in INT4_GROUPS if padded % s == 0)
+        padded, self.kernel_group, self.n_pad = _int4_layout(n, g)
         self.group_pad = padded - g
-        self.n_pad = math.ceil(n / _N_UNIT) * _N_UNIT
         groups = k // g
         k_run = groups * padded
         self.act_dtype = torch.bfloat16
@@ -123,8 +146,7 @@ class CpuWeight:
     def _pack_int8(self, qw: QuantizedWeight) -> None:
         e, n, k = self.shape
         g = self.group_size
-        # the vectorised bfloat16 kernel reads 16 inputs at a time, with no tail
-        self.act_dtype = torch.bfloat16 if g % 16 == 0 else torch.float32
+        self.act_dtype = _int8_act_dtype(g)
         if g == k:
             self.codes = qw.qweight.contiguous()  # [E, N, K]: the stored tensor itself
             self.scales = qw.scales[..., 0].to(self.act_dtype).contiguous()  # [E, N]

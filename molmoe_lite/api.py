@@ -329,16 +329,40 @@ def build_skeleton(config: MolmoeConfig, dtype: torch.dtype, quant: dict[str, An
 
 
 def weights_plan(config: MolmoeConfig, dtype: torch.dtype = torch.bfloat16, quantize: str | None = None,
-                 preset: str = "default", folder: str | Path = ".") -> dict[str, int]:
-    """Bytes of weights ``load(folder, dtype=dtype, quantize=quantize, preset=preset)`` would put
-    on the device and in CPU memory, without loading: shapes and dtypes of the meta skeleton
-    only, so it is instant at full size. ``folder`` only names the checkpoint in errors.
+                 preset: str = "default", folder: str | Path = ".",
+                 device: str | torch.device = "cuda") -> dict[str, int]:
+    """Bytes of weights ``load(folder, device, dtype, quantize, preset)`` would put on the device
+    (a GPU unless ``device`` says otherwise) and in CPU memory, without loading: shapes and dtypes
+    of the meta skeleton, so it is instant at full size. On the CPU, as load holds them: quantised
+    experts in the CPU kernels' layout (with a copy of their scales when quantised while loading),
+    and in a float32 model the KEPT_NARROW tensors in the checkpoint's dtype, read from the header
+    of the checkpoint in ``folder`` (the only case that reads it; otherwise it names it in errors).
     """
+    from molmoe_lite.kernels.cpu_experts import cpu_layout_nbytes
+    from molmoe_lite.quantized import QuantizedExperts
+
     quant = _quantization(config, Path(folder), quantize)
+    device = torch.device(device)
     model, _, on_cpu = build_skeleton(config, dtype, quant, preset)
+    state = model.state_dict()
+    sizes = {key: t.numel() * t.element_size() for key, t in state.items()}
+    if device.type == "cpu" and dtype == torch.float32 and any(k.startswith(KEPT_NARROW) for k in state):
+        with open_checkpoint(folder) as reader:
+            for key in state:
+                # not the ViT linears the small preset quantises on read: the file holds their floats
+                if key.startswith(KEPT_NARROW) and key in reader:
+                    sizes[key] = state[key].numel() * _stored_dtype(reader, key, device, state[key].dtype).itemsize
+    if device.type == "cpu":  # each layer's experts are repacked as they are read
+        for name, module in model.named_modules():
+            if isinstance(module, QuantizedExperts):
+                for leaf in ("w13", "w2"):
+                    w = getattr(module, leaf)
+                    for key in [k for k in sizes if k.startswith(f"{name}.{leaf}.")]:
+                        del sizes[key]
+                    sizes[f"{name}.{leaf}"] = cpu_layout_nbytes(w.shape, w.bits, w.group_size, quant["on_the_fly"])
     plan = {"device_bytes": 0, "cpu_bytes": 0}
-    for key, t in model.state_dict().items():
-        plan["cpu_bytes" if key.startswith(on_cpu) else "device_bytes"] += t.numel() * t.element_size()
+    for key, n in sizes.items():
+        plan["cpu_bytes" if key.startswith(on_cpu) else "device_bytes"] += n
     return plan
 
 

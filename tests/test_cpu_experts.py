@@ -10,7 +10,7 @@ run in float32 and are held to the float32 bound (1e-3).
 import pytest
 import torch
 
-from molmoe_lite.kernels.cpu_experts import CpuWeight, int4_slots, moe_experts_cpu
+from molmoe_lite.kernels.cpu_experts import CpuWeight, cpu_layout_nbytes, int4_slots, moe_experts_cpu
 from molmoe_lite.kernels.reference import MoEInputError, moe_reference, route
 from molmoe_lite.quantize.format import quantize_weight
 
@@ -106,6 +106,19 @@ def test_scales_read_again_instead_of_kept(bits):
     wrong = CpuWeight(q13, reread_stored=lambda: (q13.scales[:, :-1], q13.zeros))
     with pytest.raises(MoEInputError, match="checkpoint changed"):
         wrong.to_quantized()
+
+
+@pytest.mark.parametrize("keeps_stored", [True, False], ids=["stored-kept", "stored-reread"])
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+@pytest.mark.parametrize("name", ["odd_sizes", "group_not_a_kernel_size", "group_split", "int8_k_not_16",
+                                  "tiny_groups"])
+def test_layout_bytes_without_building(name, bits, keeps_stored):
+    """cpu_layout_nbytes (what weights_plan counts) is the bytes a built CpuWeight holds,
+    padding included."""
+    _, _, _, q13, q2 = make_problem(name, bits)
+    for qw in (q13, q2):
+        built = CpuWeight(qw, reread_stored=None if keeps_stored else lambda: (qw.scales, qw.zeros))
+        assert cpu_layout_nbytes(qw.shape, bits, qw.group_size, keeps_stored) == built.nbytes
 
 
 @pytest.mark.parametrize("n,k", [(16, 32), (80, 64), (128, 96)])

@@ -148,3 +148,27 @@ def test_a_cpu_load_holds_no_view_of_the_checkpoint_file(int4_folder, preset, mo
     views = [tuple(t.shape) for t in held_tensors(model)
              if t.numel() and any(a <= t.data_ptr() < b for a, b, _ in files)]
     assert not views, f"{len(views)} tensors are views of {sorted({p for *_, p in files})}"
+
+
+@pytest.mark.parametrize(
+    "source, quantize, preset",
+    [("release", None, "default"), ("release", "int4", "default"), ("release", "int8", "small"),
+     ("int4", None, "default"), ("int4", None, "small")],
+    ids=["fp32-release", "fp32-release-int4-on-the-fly", "fp32-release-int8-small", "bf16-converted",
+         "bf16-converted-small"],
+)
+def test_weights_plan_on_the_cpu_in_float32_is_what_load_holds(tiny_release, int4_folder, source, quantize, preset):
+    """A float32 model on the CPU holds the token table and ViT in the checkpoint's own dtype
+    (bf16 in a converted folder, fp32 in the release) and its quantised experts in the CPU
+    kernels' layout (plus the fp16 scales when quantised while loading): the plan counts the
+    bytes of every tensor the loaded model holds, and the token table as CPU memory."""
+    from molmoe_lite.api import weights_plan
+    from molmoe_lite.config import MolmoeConfig
+    from molmoe_lite.quantized import held_tensors
+
+    folder = tiny_release if source == "release" else int4_folder
+    model = load(folder, device="cpu", dtype="float32", quantize=quantize, preset=preset, progress=False)
+    plan = weights_plan(MolmoeConfig.from_pretrained(folder), torch.float32, quantize, preset, folder, device="cpu")
+    assert plan["device_bytes"] + plan["cpu_bytes"] == sum(t.numel() * t.element_size() for t in held_tensors(model))
+    table = sum(t.numel() * t.element_size() for t in model.model.transformer.wte.parameters())
+    assert plan["cpu_bytes"] == (table if preset == "small" else 0)
