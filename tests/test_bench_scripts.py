@@ -9,8 +9,9 @@ its launch path on tiny shapes under the interpreter and the choice of the best 
 targets.py: each target judged pass / fail / missing from synthetic records; gpu_check.sh: its
 worst-case time, a limit on every command, the archive it leaves, and the pytest behaviour on
 an interrupt its test stages rely on; bench_serve.py: one flat record per concurrency
-from a real server on the tiny model; bench_cpu.py: the prefill floor's count of work and the
-split of the time to first token; cpu_prefill_candidates.py: its smoke run.
+from a real server on the tiny model; bench_cpu.py: the prefill floor's count of work, the
+split of the time to first token, and a whole run on a tiny int4 checkpoint;
+cpu_prefill_candidates.py: its smoke run.
 """
 
 import json
@@ -207,6 +208,25 @@ def test_prompt_timer_times_the_prompt_and_not_the_decode_steps(monkeypatch, tin
     assert sum(parts.values()) == pytest.approx(ttft)
     model.generate_from_batch({k: v[None] for k, v in inputs.items()}, {"max_new_tokens": 2, "eos_token_id": -1})
     assert timer.calls == {"vision": 1, "experts": model.config.n_layers}  # the hooks are gone
+
+
+def test_bench_cpu_on_a_tiny_int4_checkpoint_prints_its_record(tiny_release, tmp_path):
+    """bench_cpu.py end to end on a converted tiny checkpoint (the CPU kernels' path): one JSON
+    record whose time to first token is split into parts that add up to it, the experts'
+    part timed (the hooks found the quantised experts), and the decode it asked for."""
+    from molmoe_lite.quantize.convert import convert
+
+    folder = tmp_path / "int4"
+    convert(tiny_release, folder, bits=4, method="rtn", progress=False)
+    res = _run([BENCH / "bench_cpu.py", "--checkpoint", folder, "--new-tokens", "4"], timeout=300)
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert record["new_tokens"] == 4 and record["prompt_tokens"] > 0
+    parts = record["ttft_parts_s"]
+    assert set(parts) == set(record["prompt_tflop"]) == set(record["ttft_parts_floor_s"])
+    assert parts["vision"] > 0 and parts["experts"] > 0
+    assert sum(parts.values()) == pytest.approx(record["ttft_s"], abs=0.02)  # each part rounded to 0.01
+    assert 0 < record["fraction_of_floor"] and 0 < record["ttft_fraction_of_floor"]
 
 
 def test_cpu_prefill_candidates_smoke_checks_every_candidate():
