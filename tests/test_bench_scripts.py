@@ -1,4 +1,4 @@
-"""CPU smoke tests of the GPU benchmark scripts in benchmarks/ (not installed with the package).
+"""CPU smoke tests of the benchmark scripts in benchmarks/ (not installed with the package).
 
 bench_e2e.py: a clean skip record without CUDA, its whole logic on the tiny config with
 ``--smoke``, and the bandwidth floor's byte count against a count written out from the
