@@ -220,6 +220,8 @@ BAD = [
     ("n_is_3", {"n": 3}, 400, "unsupported_parameter"),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter"),
     ("temperature_out_of_range", {"temperature": -1}, 400, None),
+    ("seed_over_64_bits", {"seed": 2**64, "temperature": 1}, 400, None),
+    ("lone_surrogate_in_text", {"text": "a\ud800b"}, 400, None),
     ("not_an_image", {"image": "data:image/png;base64," + base64.b64encode(b"GIF89a? no").decode()}, 400,
      "invalid_image"),
     ("truncated_base64_image", {"image": lambda: _b64(_image(3))[:-37]}, 400, "invalid_image"),

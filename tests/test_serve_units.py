@@ -38,6 +38,7 @@ def test_schema_reads_every_supported_field():
         7, 0.5, 0.9, 3, ("X",), True, True)
     assert parse_chat_request(_body(max_tokens=5)).max_tokens == 5
     assert parse_chat_request(_body()).temperature == 0.0  # the release's greedy default
+    assert parse_chat_request(_body(seed=2**64 - 1)).seed == 2**64 - 1  # the largest seed torch takes
 
 
 @pytest.mark.parametrize("name, over, param", [
@@ -66,6 +67,12 @@ def test_schema_reads_every_supported_field():
     ("temperature_high", {"temperature": 2.5}, "temperature"),
     ("top_p_zero", {"top_p": 0}, "top_p"),
     ("seed_negative", {"seed": -1}, "seed"),
+    ("seed_over_64_bits", {"seed": 2**64}, "seed"),
+    ("lone_surrogate_content", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+    ("lone_surrogate_text_part", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     "messages[0].content[0].text"),
+    ("lone_surrogate_image_url", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "\ud800.png"}}]}]}, "messages[0].content[0].image_url"),
     ("stop_too_many", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("stop_empty", {"stop": [""]}, "stop"),
     ("stream_not_bool", {"stream": "yes"}, "stream"),
@@ -159,6 +166,26 @@ def test_allow_files_reads_only_inside_the_folder(tmp_path):
         assert info.value.code == "files_not_allowed", url
     with pytest.raises(APIError, match="no such file"):
         read_image("sub/missing.png", limits, "p")
+
+
+UNOPENABLE = [
+    ("nul_byte", "sub/a.png\x00"),
+    ("nul_byte_in_file_url", "file:///sub/a.png%00"),
+    ("name_too_long", "x" * 5000 + ".png"),
+    ("symlink_loop", "loop1.png"),
+]
+
+
+@pytest.mark.parametrize("name, url", UNOPENABLE, ids=[u[0] for u in UNOPENABLE])
+def test_allow_files_refuses_names_the_file_system_cannot_open(tmp_path, name, url):
+    root = tmp_path / "allowed"
+    (root / "sub").mkdir(parents=True)
+    _png(32, 24).save(root / "sub" / "a.png")
+    (root / "loop1.png").symlink_to(root / "loop2.png")
+    (root / "loop2.png").symlink_to(root / "loop1.png")
+    with pytest.raises(APIError) as info:
+        read_image(url, ImageLimits(allow_files=root.resolve()), "p")
+    assert info.value.status == 400 and info.value.param == "p"
 
 
 # ---- replies ----------------------------------------------------------------------------------

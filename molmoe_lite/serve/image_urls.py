@@ -49,7 +49,10 @@ def read_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
         )
     elif scheme in ("file", "") or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
         path = _allowed_path(url, limits, param)
-        data, source = path.read_bytes(), str(path)
+        try:
+            data, source = path.read_bytes(), str(path)
+        except OSError as exc:  # no permission, or removed since it was checked
+            raise bad_request(f"{path}: cannot be read: {exc.strerror}", param=param, code="invalid_image") from None
     else:
         raise bad_request(f"image URL scheme {scheme!r} is not supported; send a data URL", param=param)
     return decode_image(data, source, limits, param)
@@ -79,11 +82,18 @@ def _allowed_path(url: str, limits: ImageLimits, param: str) -> Path:
                           "send the image as a data URL", param=param, code="files_not_allowed")
     raw = unquote(urlparse(url).path) if url.lower().startswith("file:") else url
     root = limits.allow_files
-    path = (root / raw).resolve()  # an absolute raw path replaces root
-    if not path.is_relative_to(root):
+    try:
+        path = (root / raw).resolve()  # an absolute raw path replaces root
+        inside = path.is_relative_to(root)
+        found = inside and path.is_file()
+    # names the file system refuses: a NUL byte, a name too long, a symlink loop (RuntimeError
+    # before Python 3.13), characters it cannot encode
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise bad_request(f"{raw!r}: not a readable file name: {exc}", param=param, code="invalid_image") from None
+    if not inside:
         raise bad_request(f"{raw}: outside the folder the server may read (--allow-files)", param=param,
                           code="files_not_allowed")
-    if not path.is_file():
+    if not found:
         raise bad_request(f"{raw}: no such file in the allowed folder", param=param, code="invalid_image")
     return path
 

@@ -18,6 +18,7 @@ from typing import Any
 from molmoe_lite.serve.errors import bad_request
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+SEED_LIMIT = 2**64  # a torch generator's seed is an unsigned 64-bit integer
 
 
 @dataclass
@@ -97,8 +98,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
             raise bad_request(f"top_p must be a number in (0, 1], got {p!r}", param="top_p")
         req.top_p = float(p)
     if body.get("seed") is not None:
-        if not _is_int(body["seed"]) or body["seed"] < 0:
-            raise bad_request(f"seed must be a non-negative integer, got {body['seed']!r}", param="seed")
+        if not _is_int(body["seed"]) or not 0 <= body["seed"] < SEED_LIMIT:
+            raise bad_request(f"seed must be an integer in [0, 2**64), got {body['seed']!r}", param="seed")
         req.seed = body["seed"]
     req.stop = _stop(body.get("stop"))
     stream = body.get("stream")
@@ -137,6 +138,16 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _encodable(text: str, param: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"), which no tokenizer or file system can encode
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode: {exc.reason} at character {exc.start}",
+                          param=param) from None
+    return text
+
+
 def _parse_messages(messages: Any) -> list[Turn]:
     if not isinstance(messages, list):
         raise bad_request("'messages' is required and must be a list of messages", param="messages")
@@ -168,7 +179,7 @@ def _parse_message(message: Any, i: int) -> Turn:
     if content is None and role == "assistant":
         content = ""
     if isinstance(content, str):
-        return Turn(role, content)
+        return Turn(role, _encodable(content, f"{where}.content"))
     if not isinstance(content, list):
         raise bad_request(f"{where}.content must be a string or a list of content parts", param=f"{where}.content")
     texts, urls = [], []
@@ -178,7 +189,7 @@ def _parse_message(message: Any, i: int) -> Turn:
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise bad_request(f"{at}.text must be a string", param=f"{at}.text")
-            texts.append(part["text"])
+            texts.append(_encodable(part["text"], f"{at}.text"))
         elif kind == "image_url":
             if role != "user":
                 raise bad_request(f"{at}: images are only accepted in user messages", param=at)
@@ -186,7 +197,7 @@ def _parse_message(message: Any, i: int) -> Turn:
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str) or not url:
                 raise bad_request(f"{at}.image_url.url must be a non-empty string", param=f"{at}.image_url")
-            urls.append(url)
+            urls.append(_encodable(url, f"{at}.image_url"))
         else:
             raise bad_request(
                 f"{at}: content part type {kind!r} is not supported (use 'text' or 'image_url')",
