@@ -43,7 +43,7 @@ def _write_bad(folder: Path) -> dict[str, str]:
 def _lines(path: Path) -> list[dict]:
     data = path.read_text(encoding="utf-8")
     assert data == "" or data.endswith("\n"), "the output ends in a partial line"
-    return [json.loads(line) for line in data.splitlines()]
+    return [json.loads(line) for line in data.split("\n")[:-1]]  # not splitlines: U+2028 may be in a line
 
 
 def _without_seconds(records: list[dict]) -> set[str]:
@@ -204,6 +204,48 @@ def test_an_output_that_is_not_ours_is_refused(tiny_model, tmp_path, folder):
     with pytest.raises(ResultsFileError, match="line 2"):
         run(tiny_model, folder, out, progress=False)
     assert out.read_text() == '{"id": "x"}\nhello\n'
+
+
+NOT_OURS = [
+    ("text_then_unterminated_text", b"my notes\nsecond line"),
+    ("one_unterminated_line", b"garbage"),
+    ("record_then_unterminated_text", b'{"id": "x"}\nnot a record'),
+]
+
+
+@pytest.mark.parametrize("name, data", NOT_OURS, ids=[n for n, _ in NOT_OURS])
+def test_an_output_ending_in_text_not_ours_is_refused_untouched(tmp_path, name, data):
+    out = tmp_path / "notes.txt"
+    out.write_bytes(data)
+    with pytest.raises(ResultsFileError, match="is not a batch record"):
+        ResultsFile(out)
+    assert out.read_bytes() == data
+
+
+TORN = [
+    ("torn_record", b'{"id": "b", "ima'),
+    ("torn_in_its_first_bytes", b'{"i'),
+    ("zeros_after_a_crash", b"\0" * 16),
+]
+
+
+@pytest.mark.parametrize("name, tail", TORN, ids=[n for n, _ in TORN])
+def test_a_torn_last_record_is_cut(tmp_path, name, tail):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": "a"}\n' + tail)
+    with ResultsFile(out) as results:
+        assert results.done == {"a"}
+    assert out.read_bytes() == b'{"id": "a"}\n'
+
+
+def test_answers_with_unicode_line_separators_resume(tmp_path):
+    # json.dumps(ensure_ascii=False) leaves U+0085, U+2028 and U+2029 raw inside a line
+    out = tmp_path / "out.jsonl"
+    with ResultsFile(out) as results:
+        results.append([{"id": "a", "answer": "x\x85y\u2028z\u2029", "error": None}, {"id": "b", "error": None}])
+    with ResultsFile(out) as again:
+        assert again.done == {"a", "b"}
+    assert [r["answer"] for r in _lines(out)] == ["x\x85y\u2028z\u2029", None]
 
 
 def test_a_second_writer_of_the_same_output_is_refused(tmp_path):

@@ -3,8 +3,9 @@
 Each batch's lines are encoded first and appended with one ``write`` of complete lines
 (``O_APPEND``), then ``fsync``ed, so a job killed at any moment loses at most the batch
 it was answering. The file is locked while a job writes it. Opening the file again reads the ids already there (those are skipped)
-and cuts off a trailing partial line, should one exist (a crash of the machine rather
-than the process, or another writer), before anything is appended after it.
+and cuts off a trailing partial record, should one exist (a crash of the machine rather
+than the process), before anything is appended after it; a file with other text is
+refused, untouched.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from molmoe_lite.errors import MolmoeLiteError
 
 FIELDS = ("id", "image", "prompt", "answer", "points", "new_tokens", "seconds", "error")
+RECORD_START = b'{"id": '  # how every record's line begins (json.dumps of FIELDS in order)
 
 
 class ResultsFileError(MolmoeLiteError):
@@ -55,19 +57,27 @@ class ResultsFile:
     def _read_existing(self) -> None:
         data = self.path.read_bytes()
         whole = data[: data.rfind(b"\n") + 1]  # up to the last newline: the complete lines
-        if len(whole) < len(data):
-            os.ftruncate(self._fd, len(whole))
-            os.fsync(self._fd)
-        for n, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
+        # split at "\n" only: str.splitlines also splits at U+0085 and U+2028, which an answer may hold
+        lines = whole.decode("utf-8", errors="replace").split("\n")[:-1]
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
                 self.done.add(str(record["id"]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ResultsFileError(
-                    f"{self.path}: line {n} is not a batch record; choose another --out or remove the file"
-                ) from None
+                raise self._not_ours(f"line {n} is not a batch record") from None
+        tail = data[len(whole):]
+        if tail:
+            # checked before anything is cut: only the start of a record of ours (torn by a crash),
+            # or the zeros a file system may leave after one, is dropped; other text is the user's
+            if not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail) or not tail.strip(b"\0")):
+                raise self._not_ours(f"line {len(lines) + 1} is not a batch record")
+            os.ftruncate(self._fd, len(whole))
+            os.fsync(self._fd)
+
+    def _not_ours(self, problem: str) -> ResultsFileError:
+        return ResultsFileError(f"{self.path}: {problem}; choose another --out or remove the file")
 
     def append(self, records: list[dict[str, Any]]) -> None:
         """Write ``records`` as whole lines in one write, and make them durable."""
