@@ -3,6 +3,7 @@ format, image URLs (data URLs, --allow-files), points in replies. Stop strings a
 engine's (``TextPieces``): their cases are in test_text_pieces, over a server in test_serve."""
 
 import base64
+import io
 import struct
 import zlib
 
@@ -24,6 +25,12 @@ def _body(**over):
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     body.update(over)
     return body
+
+
+def _encoded(image, fmt):
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
 
 
 def _png(w, h, seed=0):
@@ -121,7 +128,7 @@ def _png_header_only(w, h):
             + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
 
 
-@pytest.mark.parametrize("name, url, code", [
+REFUSED_URLS = [
     ("not_an_image", "data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode(), "invalid_image"),
     ("bad_base64", "data:image/png;base64,@@@@", "invalid_image"),
     ("truncated_png", image_data_url(_png(64, 48))[:200], "invalid_image"),
@@ -132,15 +139,32 @@ def _png_header_only(w, h):
     ("elongated", image_data_url(_png(int(20 * MAX_ASPECT) + 20, 20)), "invalid_image_shape"),
     ("too_many_pixels", "data:image/png;base64," + base64.b64encode(_png_header_only(9000, 9000)).decode(),
      "image_too_large"),
+    ("eps_read_through_ghostscript", "data:image/eps;base64," + base64.b64encode(_encoded(_png(32, 24), "EPS")).decode(),
+     "invalid_image"),
+    ("ppm_not_served", "data:image/png;base64," + base64.b64encode(_encoded(_png(32, 24), "PPM")).decode(),
+     "invalid_image"),
     ("remote_http", "https://example.com/cat.png", "remote_url_refused"),
     ("file_without_allow", "file:///etc/hostname", "files_not_allowed"),
     ("odd_scheme", "ftp://host/x.png", None),
-])
+]
+
+
+@pytest.mark.parametrize("name, url, code", REFUSED_URLS, ids=[r[0] for r in REFUSED_URLS])
 def test_image_url_refusals(name, url, code):
     with pytest.raises(APIError) as info:
         read_image(url, ImageLimits(), "messages[0].content[1]")
     assert info.value.status == 400 and info.value.code == code
+    if name in ("eps_read_through_ghostscript", "ppm_not_served"):  # refused before any decoder runs
+        assert "not an image in a format the server reads" in info.value.message
     assert info.value.param == "messages[0].content[1]"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_common_formats_are_read(fmt):
+    image = _png(32, 24)
+    got = read_image(f"data:image/{fmt.lower()};base64," + base64.b64encode(_encoded(image, fmt)).decode(),
+                     ImageLimits(), "p")
+    assert got.size == (32, 24) and got.mode == "RGB"
 
 
 def test_image_limits_allow_the_edges():

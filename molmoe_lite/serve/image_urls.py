@@ -4,9 +4,9 @@ Accepted: ``data:image/...;base64,...`` URLs (what OpenAI's clients send for loc
 images), and local files (``file://`` URLs or plain paths) only when the server was
 started with ``--allow-files DIR`` and only inside DIR (symlinks resolved first, so a
 link cannot lead out of it). Remote ``http(s)`` URLs are refused: the server fetches
-nothing from the network. Before an image is decoded, its header's size is checked
-against the limits below, so an oversized image costs no memory; then it is decoded
-fully (truncated data shows up here) through ``molmoe_lite.images.load_image``.
+nothing from the network. Only common formats are opened (``IMAGE_FORMATS``). Before an
+image is decoded, its header's size is checked against the limits below, so an oversized
+image costs no memory; then it is decoded fully (truncated data shows up here) through ``molmoe_lite.images.load_image``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from molmoe_lite.serve.errors import bad_request
 MIN_SIDE_PX = 14
 # The 336-px global view keeps at least one 14-px patch of the short side up to 24:1.
 MAX_ASPECT = 24.0
+# What clients send. PIL reads dozens more, some through decoders rarely exercised and EPS
+# through Ghostscript; a server reading strangers' bytes opens only these.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
 
 
 @dataclass(frozen=True)
@@ -105,13 +108,13 @@ def decode_image(data: bytes, source: str, limits: ImageLimits, param: str) -> I
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise bad_request(f"{source}: too large (over {limits.max_pixels} pixels)", param=param,
                           code="image_too_large") from None
     except UnidentifiedImageError:
-        raise bad_request(f"{source}: not an image (unknown or corrupt format)", param=param,
-                          code="invalid_image") from None
+        raise bad_request(f"{source}: not an image in a format the server reads ({', '.join(IMAGE_FORMATS)}), "
+                          "or corrupt", param=param, code="invalid_image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise bad_request(f"{source}: not a readable image: {exc}", param=param, code="invalid_image") from None
     w, h = image.size
