@@ -16,7 +16,8 @@ import pytest
 
 from molmoe_lite.batch import FIELDS, BatchInputError, ResultsFile, ResultsFileError, run
 from molmoe_lite.batch.answer import Answer, Prepared, record
-from molmoe_lite.batch.rows import Row
+from molmoe_lite.batch.rows import Row, read_rows
+from molmoe_lite.errors import UsageError
 from molmoe_lite.demo import demo_image
 
 TOKENS = 6
@@ -147,6 +148,38 @@ def test_csv_rows(tiny_model, tmp_path, folder):
     got = {r["id"]: r for r in _lines(tmp_path / "out.jsonl")}
     assert got["x"]["prompt"] == "Where is the house?" and got["y"]["prompt"] == "Describe this image."
     assert got["x"]["answer"] == tiny_model.generate(folder / "a.png", "Where is the house?", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".csv", "id,image,prompt\nx,a.png,Où est la maison ?\n"),
+    (".jsonl", '{"id": "x", "image": "a.png", "prompt": "Où est la maison ?"}\n'),
+], ids=["csv", "jsonl"])
+def test_rows_files_saved_with_a_byte_order_mark_are_read(tmp_path, suffix, text):
+    source = tmp_path / f"rows{suffix}"
+    source.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # as Excel's "CSV UTF-8" and Notepad save
+    (row,) = read_rows(source)
+    assert (row.id, row.image, row.prompt) == ("x", "a.png", "Où est la maison ?")
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".csv", "id,image,prompt\nx,a.png,Où est la maison ?\n"),
+    (".jsonl", '{"id": "x", "image": "a.png", "prompt": "Où est la maison ?"}\n'),
+], ids=["csv", "jsonl"])
+def test_a_rows_file_not_in_utf8_stops_the_job_in_one_line(tiny_release, tmp_path, suffix, text):
+    source = tmp_path / f"latin1{suffix}"
+    source.write_bytes(text.encode("latin-1"))
+    with pytest.raises(BatchInputError, match="not UTF-8") as err:
+        run(tiny_release, source, tmp_path / "out.jsonl", progress=False)
+    assert str(source) in str(err.value)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_input_file_as_output_is_refused(tiny_release, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "x", "image": "a.png"}\n')
+    with pytest.raises(UsageError, match="the output is the input file"):
+        run(tiny_release, rows, tmp_path / "." / "rows.jsonl", progress=False)
+    assert rows.read_text() == '{"id": "x", "image": "a.png"}\n'
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,12 @@ def _folder(folder: Path, prompt: str) -> list[Row]:
     return rows
 
 
+# "utf-8-sig": UTF-8 that may begin with the byte-order mark Excel and Notepad write
+ENCODING = "utf-8-sig"
+
+
 def _jsonl(path: Path) -> Iterable[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding=ENCODING) as f, _utf8_only(path):
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -83,13 +88,21 @@ def _jsonl(path: Path) -> Iterable[tuple[str, Any]]:
 
 
 def _csv(path: Path) -> Iterable[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding=ENCODING, newline="") as f, _utf8_only(path):
         reader = csv.DictReader(f)
         missing = {"id", "image"} - set(reader.fieldnames or ())
         if missing:
             raise BatchInputError(f"{path}: the header lacks the column(s) {', '.join(sorted(missing))}")
         for row in reader:
             yield f"line {reader.line_num}", row
+
+
+@contextmanager
+def _utf8_only(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise BatchInputError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8") from None
 
 
 def _checked(items: Iterable[tuple[str, Any]], base: Path, default: str, source: str) -> list[Row]:

@@ -87,6 +87,9 @@ def run(
     if loaded and ray_address is not None:
         raise UsageError("a Ray run loads the model in each worker: pass the model's path, not a loaded model")
     rows = read_rows(inputs, prompt)
+    if isinstance(inputs, (str, Path)) and Path(out).resolve() == Path(inputs).resolve():
+        # its rows' ids would read as done: nothing answered, everything "skipped"
+        raise UsageError(f"{out}: the output is the input file; choose another output file")
     with ResultsFile(out) as results:
         pending = [r for r in rows if r.id not in results.done]
         skipped = len(rows) - len(pending)
