@@ -159,6 +159,14 @@ def test_image_url_refusals(name, url, code):
     assert info.value.param == "messages[0].content[1]"
 
 
+def test_data_url_parameters_before_base64_are_allowed():
+    image = _png(32, 24)
+    payload = base64.b64encode(_encoded(image, "PNG")).decode()
+    for head in ("data:image/png;name=cat.png;base64", "data:image/png;charset=binary;BASE64"):
+        got = read_image(f"{head},{payload}", ImageLimits(), "p")
+        assert np.array_equal(np.asarray(got), np.asarray(image)), head
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
 def test_common_formats_are_read(fmt):
     image = _png(32, 24)

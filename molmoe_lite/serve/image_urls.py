@@ -65,11 +65,12 @@ def _data_url_bytes(url: str, param: str) -> bytes:
     head, sep, payload = url.partition(",")
     if not sep:
         raise bad_request("the data URL has no ',' before its data", param=param, code="invalid_image")
-    mime, _, encoding = head[len("data:"):].partition(";")
+    # data:image/png[;name=value...];base64 (parameters such as a file name may come between)
+    mime, *params = head[len("data:"):].split(";")
     if not mime.lower().startswith("image/"):
         raise bad_request(f"the data URL's type is {mime or 'missing'!r}, not an image type (image/png, image/jpeg...)",
                           param=param, code="invalid_image")
-    if encoding.lower() != "base64":
+    if not params or params[-1].strip().lower() != "base64":
         raise bad_request("the data URL must be base64-encoded (data:image/png;base64,...)", param=param,
                           code="invalid_image")
     try:
