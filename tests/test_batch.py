@@ -259,6 +259,7 @@ TORN = [
     ("torn_record", b'{"id": "b", "ima'),
     ("torn_in_its_first_bytes", b'{"i'),
     ("zeros_after_a_crash", b"\0" * 16),
+    ("blanks_after_an_edit", b"  \t"),
 ]
 
 

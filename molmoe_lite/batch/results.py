@@ -70,8 +70,9 @@ class ResultsFile:
         tail = data[len(whole):]
         if tail:
             # checked before anything is cut: only the start of a record of ours (torn by a crash),
-            # or the zeros a file system may leave after one, is dropped; other text is the user's
-            if not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail) or not tail.strip(b"\0")):
+            # the zeros a file system may leave after one, or blanks are dropped; other text is the user's
+            blank = not tail.replace(b"\0", b"").strip()
+            if not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail) or blank):
                 raise self._not_ours(f"line {len(lines) + 1} is not a batch record")
             os.ftruncate(self._fd, len(whole))
             os.fsync(self._fd)
