@@ -17,8 +17,8 @@ import pytest
 from molmoe_lite.batch import FIELDS, BatchInputError, ResultsFile, ResultsFileError, run
 from molmoe_lite.batch.answer import Answer, Prepared, record
 from molmoe_lite.batch.rows import Row, read_rows
-from molmoe_lite.errors import UsageError
 from molmoe_lite.demo import demo_image
+from molmoe_lite.errors import UsageError
 
 TOKENS = 6
 # (relative path, width, height): different tile counts, one in a subfolder, one upper-case extension

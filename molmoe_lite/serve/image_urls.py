@@ -6,7 +6,8 @@ started with ``--allow-files DIR`` and only inside DIR (symlinks resolved first,
 link cannot lead out of it). Remote ``http(s)`` URLs are refused: the server fetches
 nothing from the network. Only common formats are opened (``IMAGE_FORMATS``). Before an
 image is decoded, its header's size is checked against the limits below, so an oversized
-image costs no memory; then it is decoded fully (truncated data shows up here) through ``molmoe_lite.images.load_image``.
+image costs no memory; then it is decoded fully (truncated data shows up here) through
+``molmoe_lite.images.load_image``.
 """
 
 from __future__ import annotations
