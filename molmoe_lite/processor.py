@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from molmoe_lite.quantize.checkpoint import read_json_object
-from molmoe_lite.images import load_image
+from molmoe_lite.images import ImageError, load_image
 from molmoe_lite.tokenizer import IM_COL, IM_END, IM_PATCH, IM_START, load_tokenizer
 from molmoe_lite.errors import MolmoeLiteError, UsageError
 
@@ -295,10 +295,14 @@ def preprocess_image(pixels: np.ndarray, cfg: PreprocessorConfig, ids: dict[str,
     """uint8 [H, W, 3] -> crops, masks, image tokens and token positions (no BOS shift)."""
     h, w = pixels.shape[:2]
     p, cp, win = cfg.image_patch_size, cfg.crop_patches, cfg.window_patches
-    image = to_float(pixels)
-
     rows, cols = select_tiling(h - cfg.margin_px, w - cfg.margin_px, cfg.window_px, cfg.max_crops)
     canvas_h, canvas_w = rows * cfg.window_px + cfg.margin_px, cols * cfg.window_px + cfg.margin_px
+    # So elongated an image shrinks to less than a pixel across in a view: nothing to resize.
+    for out_h, out_w in ((canvas_h, canvas_w), (cfg.crop_size, cfg.crop_size)):
+        if min(scaled_size(h, w, out_h, out_w)) < 1:
+            raise ImageError(f"{w}x{h} pixels is too elongated: its short side would shrink below one pixel "
+                             f"in the model's {out_w}x{out_h} view; crop or pad it nearer to square")
+    image = to_float(pixels)
     canvas, box = resize_and_pad(image, canvas_h, canvas_w, cfg)
     grid = patchify(canvas, p)  # [canvas_h/p, canvas_w/p, patch_dim]
     fill = patch_fill(box, canvas_h, canvas_w, p)  # [canvas_h/p, canvas_w/p]
@@ -406,7 +410,14 @@ class Processor:
         elif not isinstance(images, (list, tuple)):
             images = [images]
         # np.array copies: torch.from_numpy wants a writable array, PIL's buffer is read-only.
-        parts = [preprocess_image(np.array(load_image(im, transparent)), cfg, self.special_ids) for im in images]
+        parts = []
+        for im in images:
+            try:
+                parts.append(preprocess_image(np.array(load_image(im, transparent)), cfg, self.special_ids))
+            except ImageError as exc:
+                if not isinstance(im, (str, Path)) or str(exc).startswith(str(im)):
+                    raise
+                raise ImageError(f"{im}: {exc}") from exc  # name the file when the message lacks it
 
         tokens = [torch.tensor([self.bos_id], dtype=torch.long)]
         idx = []

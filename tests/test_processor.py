@@ -316,6 +316,25 @@ def test_bad_image_gives_image_error(tiny, tmp_path):
         tiny.process(bad, PROMPT)
 
 
+@pytest.mark.parametrize("w, h", [(337, 1), (1, 337), (2, 1000), (20000, 30)],
+                         ids=["wide-1px", "tall-1px", "tall-2px", "panorama"])
+def test_too_elongated_image_gives_image_error(tiny, tmp_path, w, h):
+    # the short side would resize to 0 pixels in the 336-px global view
+    from molmoe_lite.images import ImageError
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (w, h)).save(path)
+    with pytest.raises(ImageError, match=rf"strip.png: {w}x{h} pixels is too elongated"):
+        tiny.process(path, PROMPT)
+
+
+@pytest.mark.parametrize("w, h", [(336, 1), (1, 336), (1, 1), (4000, 12)],
+                         ids=["wide-limit", "tall-limit", "one-pixel", "wide-12px"])
+def test_thin_images_at_the_limit_still_process(tiny, w, h):
+    out = tiny.process(Image.new("RGB", (w, h)), PROMPT)
+    assert torch.isfinite(out["images"]).all()
+
+
 # ---- batching ------------------------------------------------------------------------
 
 
