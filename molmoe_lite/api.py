@@ -38,7 +38,14 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     """CUDA when present, else CPU, unless the caller says otherwise."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r}: CUDA is not available here (no NVIDIA GPU, or torch "
+                         f"{torch.__version__} built without CUDA); use 'cpu'")
+    return dev
 
 
 def cpu_has_fast_bf16() -> bool:

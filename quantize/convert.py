@@ -156,7 +156,10 @@ def _resolve_include(include: Iterable[str] | str) -> list[str]:
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConvertError(f"device must be 'cpu' or 'cuda', got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConvertError(f"device {device!r}: CUDA is not available here; use device='cpu'")
     if dev.type not in ("cpu", "cuda"):
@@ -174,6 +177,12 @@ def read_source_config(src: Path) -> dict[str, Any]:
         raise ConvertError(
             f"{path}: not a MolmoE config (model_type is {cfg.get('model_type')!r}, expected 'molmo')"
         )
+    quant = cfg.get("quantization_config")
+    if quant is not None:
+        how = (f"int{quant.get('bits')} by {quant.get('quant_method')}" if isinstance(quant, dict)
+               else "a quantization_config")
+        raise ConvertError(f"{path}: the source is already quantised ({how}); quantize converts a float "
+                           "release: pass the release's folder, or load this one as it is")
     if cfg.get("block_type", "moe") != "moe":
         raise ConvertError(f"{path}: block_type is {cfg.get('block_type')!r}; only MoE (MolmoE) models are supported")
     missing = [k for k in _REQUIRED if cfg.get(k) is None]

@@ -244,6 +244,12 @@ def _no_checkpoint(folder, state):
     return "no checkpoint found"
 
 
+def _already_quantised(folder, state):
+    release = _release_from_state(folder.parent / "release", state)
+    convert(release, folder, progress=False)
+    return "already quantised (int4 by molmoe-lite)"
+
+
 def _bad_group_size(folder, state):
     _release_from_state(folder, state)
     return "group size 48"
@@ -260,9 +266,10 @@ def _bad_group_size(folder, state):
         (_non_tensor_pickle, CheckpointError, {}),
         (_no_checkpoint, CheckpointError, {}),
         (_bad_group_size, ConvertError, {"group_size": 48}),
+        (_already_quantised, ConvertError, {}),
     ],
     ids=["truncated-bin", "missing-expert", "wrong-shape", "not-molmoe", "missing-config-field",
-         "non-tensor-pickle", "no-weights", "bad-group-size"],
+         "non-tensor-pickle", "no-weights", "bad-group-size", "already-quantised"],
 )
 def test_bad_input_clear_error_and_no_dst(state, tmp_path, make, error, kwargs):
     src = tmp_path / "src"
@@ -280,8 +287,8 @@ def test_bad_input_clear_error_and_no_dst(state, tmp_path, make, error, kwargs):
     "kwargs,match",
     [({"bits": 3}, "bits"), ({"include": "experts,mlp"}, "unknown module"),
      ({"include": ("attention",)}, "must contain 'experts'"), ({"dtype": "int8"}, "dtype"),
-     ({"method": "gptq"}, "method")],
-    ids=["bits-3", "unknown-include", "no-experts", "bad-dtype", "bad-method"],
+     ({"method": "gptq"}, "method"), ({"device": "tpu"}, "device must be 'cpu' or 'cuda', got 'tpu'")],
+    ids=["bits-3", "unknown-include", "no-experts", "bad-dtype", "bad-method", "unknown-device"],
 )
 def test_bad_options(release, tmp_path, kwargs, match):
     with pytest.raises(ConvertError, match=match):

@@ -69,6 +69,18 @@ def test_invalid_options_are_usage_errors(tiny_release, kwargs, message):
         load(tiny_release, device="cpu", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "device, message",
+    [("tpu", "device 'tpu' is not a device torch knows"),
+     pytest.param("cuda", "device 'cuda': CUDA is not available here",
+                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"))],
+    ids=["unknown-device", "cuda-without-cuda"],
+)
+def test_unusable_devices_are_usage_errors(tiny_release, device, message):
+    with pytest.raises(UsageError, match=message):
+        load(tiny_release, device=device)
+
+
 def test_default_device_and_dtype(tiny_release):
     model = load(tiny_release)
     if torch.cuda.is_available():
