@@ -301,6 +301,8 @@ def _weight_bytes(model) -> int:
 def cmd_run(args) -> int:
     from molmoe_lite.api import load
 
+    if args.points:  # before the load and the answer, not after them
+        _check_points_path(args.points, args.image)
     model = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, preset=args.preset,
                  threads=args.threads)
     _reset_peak_rss()
@@ -313,12 +315,28 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _check_points_path(out: str, images: list[str]) -> None:
+    """--points OUT: an image to draw on, a picture format PIL writes, a folder that exists."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    if not images:
+        raise UsageError("--points needs an --image to draw on")
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--points {out}: is a folder; give a file name such as {path / 'points.png'}")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"--points {out}: unknown picture format {path.suffix or '(no extension)'!r}; "
+                         "end the name with .png or .jpg")
+    if not path.parent.is_dir():
+        raise UsageError(f"--points {out}: the folder {path.parent} does not exist")
+
+
 def _save_points(text: str, images: list[str], out: str) -> None:
     from molmoe_lite.images import load_image
     from molmoe_lite.points import draw_points, parse_points
 
-    if not images:
-        raise UsageError("--points needs an --image to draw on")
     image = load_image(images[0])
     points = parse_points(text, image.width, image.height)
     draw_points(image, points, out)

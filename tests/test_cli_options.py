@@ -98,6 +98,24 @@ def test_run_max_context_too_small_is_one_line(capsys, tiny_release):
     assert "max_context=4" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "points, with_image, message",
+    [("points.txt", True, "unknown picture format '.txt'"), ("points", True, "unknown picture format"),
+     ("missing/points.png", True, "does not exist"), (".", True, "is a folder"),
+     ("points.png", False, "needs an --image")],
+    ids=["text-extension", "no-extension", "missing-folder", "a-folder", "no-image"],
+)
+def test_run_bad_points_path_is_one_line_before_any_work(capsys, tmp_path, image_file, points, with_image,
+                                                          message, monkeypatch):
+    # checked before the model loads: the model folder does not even exist here
+    monkeypatch.chdir(tmp_path)
+    images = ["--image", image_file] if with_image else []
+    code, out, err = run_cli(capsys, "run", tmp_path / "no-model", *images, "--points", points, PROMPT)
+    assert code == 2 and out == ""
+    assert message in err and "--points" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantize_options_reach_the_converted_folder(capsys, tiny_release, tmp_path, image_file):
     dst = tmp_path / "q"
     code, out, err = run_cli(capsys, "quantize", tiny_release, dst, "--bits", 4, "--group-size", 32,
