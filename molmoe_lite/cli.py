@@ -410,7 +410,8 @@ def cmd_compare(args) -> int:
 
     from molmoe_lite.compare import compare_models
 
-    r = compare_models(args.float_dir, args.quant_dir, args.image, args.prompt, device=args.device, dtype=args.dtype)
+    r = compare_models(args.float_dir, args.quant_dir, args.image, args.prompt, device=args.device, dtype=args.dtype,
+                       threads=args.threads)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

@@ -38,15 +38,17 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str
     }
 
 
-def compare_models(float_path, quant_path, image: Any, prompt: str, device=None, dtype=None) -> dict[str, Any]:
-    """Load each model in turn and compare their logits on ``image`` + ``prompt``."""
+def compare_models(float_path, quant_path, image: Any, prompt: str, device=None, dtype=None,
+                   threads: int | None = None) -> dict[str, Any]:
+    """Load each model in turn and compare their logits on ``image`` + ``prompt``
+    (``device``, ``dtype`` and ``threads`` as ``load`` takes them)."""
     import gc
 
     from molmoe_lite.api import load
 
     results = []
     for path in (float_path, quant_path):
-        model = load(path, device=device, dtype=dtype)
+        model = load(path, device=device, dtype=dtype, threads=threads)
         inputs = model.processor.process(images=image, text=prompt)
         results.append(model_logits(model, inputs))
         del model

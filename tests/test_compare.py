@@ -33,3 +33,15 @@ def test_disagreeing_positions_are_counted():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         compare_logits(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def test_cli_threads_option_reaches_load(tiny_release, tmp_path, capsys):
+    # --threads is one of compare's options: a bad value must be refused, not silently ignored
+    from molmoe_lite.cli import main
+    from molmoe_lite.demo import demo_image
+
+    image = tmp_path / "scene.png"
+    demo_image().save(image)
+    code = main(["compare", str(tiny_release), str(tiny_release), "--image", str(image), "--threads", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "threads must be a positive whole number, got 0" in err
