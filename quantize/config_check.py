@@ -11,7 +11,8 @@ made from it:
 2. ``check_against_checkpoint``: each size is compared with the checkpoint's own tensors, read
    from headers only (safetensors headers, or the memory-mapped ``.bin``'s pickle; no tensor
    data): the layer count from the block indices present, widths from probe tensors that every
-   MolmoE checkpoint holds, float or quantised.
+   MolmoE checkpoint holds, float or quantised. A checkpoint holding none of MolmoE's decoder
+   tensors is another model's: that is one ``CheckpointError`` naming the file, not a list of sizes.
 
 Each problem names the field, its value and what the checkpoint holds; all problems of one
 config.json come in one ``ConfigError``. Lives in ``quantize`` so the converter and ``inspect``
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from molmoe_lite.errors import MolmoeLiteError
+from molmoe_lite.quantize.checkpoint import CheckpointError
 from molmoe_lite.quantize.layout import LLM_PREFIX, VIT_PREFIX
 
 
@@ -197,6 +199,13 @@ def check_against_checkpoint(cfg: dict[str, Any], keys: list[str], shape_of: Cal
     """Compare config.json's sizes with the checkpoint's tensors (``keys`` and ``shape_of`` from
     headers). Call after ``check_values``. Probe tensors the checkpoint lacks are skipped: the
     full key/shape check that follows names those."""
+    if not any(k.startswith(f"{LLM_PREFIX}.") for k in keys):
+        # another model's weights beside a MolmoE config: say that, not that every size is off
+        sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
+        raise CheckpointError(
+            f"{Path(where).parent / checkpoint}: holds none of MolmoE's tensors (no {LLM_PREFIX}.* keys; it has "
+            f"{sample}{', ...' if len(keys) > 3 else ''}): another model's checkpoint? Use a MolmoE-1B release "
+            "folder or its `molmoe-lite quantize` output")
     problems: list[str] = []
     have = set(keys)
     layers = {int(m.group(1)) for k in keys if (m := _BLOCK.match(k))}

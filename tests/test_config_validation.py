@@ -162,6 +162,31 @@ def test_a_quantised_checkpoint_with_a_bad_block_is_refused(release, tmp_path):
     assert isinstance(ConfigError(message), MolmoeLiteError)
 
 
+def test_another_models_weights_beside_a_molmoe_config_are_named_as_such(release, tmp_path, capsys):
+    # a mix-up of files: the config is MolmoE's, the weights another model's
+    import torch
+
+    from molmoe_lite.cli import main
+    from molmoe_lite.quantize.checkpoint import CheckpointError
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in release.iterdir():
+        if f.name != "pytorch_model.bin":
+            (folder / f.name).symlink_to(f)
+    torch.save({"encoder.weight": torch.zeros(3, 3), "decoder.bias": torch.zeros(3)}, folder / "pytorch_model.bin")
+    needles = [str(folder / "pytorch_model.bin"), "holds none of MolmoE's tensors", "decoder.bias, encoder.weight"]
+    for call in (lambda: molmoe_lite.load(folder, device="cpu"), lambda: inspect_checkpoint(folder),
+                 lambda: convert(folder, tmp_path / "out", progress=False)):
+        with wall_clock_guard(), pytest.raises(CheckpointError) as info:
+            call()
+        assert all(n in str(info.value) for n in needles), str(info.value)
+    assert not (tmp_path / "out").exists()
+    assert main(["run", str(folder), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds none of MolmoE's tensors" in err
+
+
 def test_every_problem_of_one_config_is_named_at_once(release, tmp_path):
     folder = edited_copy(release, tmp_path / "m", n_layers=3, moe_num_experts=16)
     refused(lambda: molmoe_lite.load(folder, device="cpu"), "n_layers=3", "moe_num_experts=16")
