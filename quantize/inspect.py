@@ -61,6 +61,9 @@ def inspect_checkpoint(folder: str | Path, context: int = 4096, batch: int = 1) 
     folder = Path(folder)
     if context <= 0 or batch <= 0:
         raise UsageError(f"context and batch must be positive, got context={context}, batch={batch}")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: is a file; pass the folder that holds config.json and the weights"
+                              if folder.exists() else f"{folder}: no such folder")
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: no config.json in {folder}")

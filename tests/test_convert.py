@@ -425,6 +425,15 @@ def test_inspect_missing_config(tmp_path):
         inspect_checkpoint(tmp_path)
 
 
+def test_inspect_a_missing_folder_or_a_file(tmp_path):
+    # the path itself is the problem, not a config.json inside it
+    with pytest.raises(CheckpointError, match=r"nope: no such folder$"):
+        inspect_checkpoint(tmp_path / "nope")
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"model.bin: is a file; pass the folder"):
+        inspect_checkpoint(tmp_path / "model.bin")
+
+
 def test_format_errors_are_value_errors():
     # The CLI catches ValueError / OSError: every converter error class must be one of them.
     assert issubclass(ConvertError, ValueError) and issubclass(OutputError, OSError)
