@@ -319,7 +319,8 @@ def test_pointing_answers_get_pixel_points():
 @pytest.mark.parametrize(
     "kwargs, word",
     [({"batch_size": 0}, "batch_size"), ({"max_new_tokens": 0}, "max_new_tokens"),
-     ({"device": "cpu"}, "already loaded"), ({"threads": 1}, "already loaded"), ({"ray_address": "local"}, "path")],
+     ({"device": "cpu"}, "already loaded"), ({"threads": 1}, "already loaded"), ({"ray_address": "local"}, "path"),
+     ({"workers": 2}, "needs a Ray run")],
 )
 def test_bad_arguments_are_usage_errors(tiny_model, tmp_path, folder, kwargs, word):
     from molmoe_lite.errors import UsageError

@@ -80,6 +80,8 @@ def run(
         raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be >= 1, got {workers}")
+    if workers is not None and ray_address is None:
+        raise UsageError("workers sets the number of Ray actors: it needs a Ray run (--ray / ray_address)")
     loaded = not isinstance(model_or_path, (str, Path))
     load_kwargs = dict(device=device, dtype=dtype, preset=preset, quantize=quantize, threads=threads)
     if loaded and (device, dtype, quantize, preset, threads) != (None, None, None, "default", None):
