@@ -451,7 +451,7 @@ def convert(
     if dst_abs == src_abs or src_abs in dst_abs.parents or dst_abs in src_abs.parents:
         raise OutputError(f"{dst}: output folder must not be, contain or lie inside the source folder {src}")
     if dst_abs.is_dir() and any(dst_abs.iterdir()) and not force:
-        raise OutputError(f"{dst_abs}: output folder exists and is not empty (use force to replace it)")
+        raise OutputError(f"{dst_abs}: output folder exists and is not empty (pass --force, or force=True, to replace it)")
 
     cfg = read_source_config(src)
     check_values(cfg, src / "config.json")

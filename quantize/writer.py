@@ -270,7 +270,7 @@ def atomic_output_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     if dst.exists() and not dst.is_dir():
         raise OutputError(f"{dst}: output path exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise OutputError(f"{dst}: output folder exists and is not empty (use force to replace it)")
+        raise OutputError(f"{dst}: output folder exists and is not empty (pass --force, or force=True, to replace it)")
     parent = dst.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
