@@ -194,7 +194,7 @@ def _quantization(config: MolmoeConfig, folder: Path, quantize: str | None) -> d
                 f"only checkpoints written by `molmoe-lite quantize` ({QUANT_METHOD!r}) can be loaded"
             )
         if quantize is not None:
-            raise UsageError(f"{folder} is already quantised; load it without quantize=")
+            raise UsageError(f"{folder} is already quantised; load it without --quantize (quantize=None)")
         return {**stored, "on_the_fly": False}
     if quantize is None:
         return None

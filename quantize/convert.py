@@ -122,6 +122,9 @@ class ConversionSummary:
         if self.rel_errors:
             errs = ", ".join(f"{k} {v:.4f}" for k, v in self.rel_errors.items())
             lines.append(f"  mean relative weight error ({self.error_samples} sampled experts): {errs}")
+        if "tokenizer.json" not in self.files_copied:  # the output cannot answer without one
+            lines.append(f"  note: {self.src} has no tokenizer.json; copy the release's into {self.dst} "
+                         "before running the model")
         return "\n".join(lines)
 
 

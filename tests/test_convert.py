@@ -178,6 +178,14 @@ def test_progress_bar_and_summary_text(release, tmp_path, capsys):
     assert "gate_proj" in text and "MB/s" in text and "->" in text
 
 
+def test_summary_notes_a_source_without_tokenizer(release, state, tmp_path):
+    # the output of a weights-and-config-only source cannot answer: say so, and what to do
+    assert "tokenizer" not in str(convert(release, tmp_path / "full", progress=False))
+    bare = _release_from_state(tmp_path / "bare", state)
+    text = str(convert(bare, tmp_path / "q", progress=False))
+    assert f"note: {bare} has no tokenizer.json; copy the release's into {tmp_path / 'q'}" in text
+
+
 def test_non_empty_dst_needs_force(release, tmp_path):
     dst = tmp_path / "q"
     dst.mkdir()
