@@ -7,7 +7,8 @@ user's image), ``batch`` (a folder or JSONL/CSV of images into a resumable JSONL
 (the offline tiny-model demo), ``serve`` (an OpenAI-compatible HTTP server and a web page,
 ``molmoe_lite.serve``). Errors we can explain (bad paths, bad images, bad checkpoints, bad configs: every ``MolmoeLiteError``, and OS errors on the user's files) print one
 line naming the problem and exit with status 2 (``--debug`` shows the traceback instead); anything
-else is a bug, shown with its traceback and a request to report it (status 1).
+else is a bug, shown with its traceback and a request to report it (status 1). A reader that closes
+our output early (``| head``) ends the command quietly with status 141, as a shell reports SIGPIPE.
 """
 
 from __future__ import annotations
@@ -468,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`... | head`): stop quietly, as other tools do;
+        # stdout goes to devnull so that the interpreter's last flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
     except (MolmoeLiteError, OSError) as exc:
         # problems we can explain (bad input, a missing or unreadable file, a full disk):
         # one readable line, not a traceback, unless --debug

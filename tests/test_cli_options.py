@@ -174,3 +174,14 @@ def test_the_installed_entry_point_runs(tiny_release, image_file):
                           PROMPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout == answer(tiny_release, [image_file]) + "\n"
+
+
+def test_a_reader_that_goes_away_ends_run_quietly(tiny_release):
+    # `molmoe-lite run ... | head -c 1`: the closed pipe is not an error to report
+    proc = subprocess.Popen([sys.executable, "-m", "molmoe_lite.cli", "run", str(tiny_release), "--max-new-tokens",
+                             "200", PROMPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # the first piece has arrived
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "error" not in err and "Broken pipe" not in err and "Traceback" not in err, err
