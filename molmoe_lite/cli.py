@@ -436,13 +436,21 @@ def cmd_demo(args) -> int:
     from molmoe_lite.api import load
     from molmoe_lite.demo import demo_checkpoint, demo_image, demo_quantized
 
-    folder = demo_checkpoint()
-    if not args.float:
-        folder = demo_quantized(folder)
-    print(f"tiny random MolmoE checkpoint: {folder}", file=sys.stderr)
-    print("note: the weights are random, so the answer is meaningless text; real weights take the same path:", file=sys.stderr)
-    print("      molmoe-lite quantize RELEASE_DIR OUT_DIR && molmoe-lite run OUT_DIR --image IMAGE \"prompt\"", file=sys.stderr)
-    model = load(folder, device=args.device, dtype=args.dtype, threads=args.threads)
+    float_folder = demo_checkpoint()
+    try:
+        folder = float_folder if args.float else demo_quantized(float_folder)
+        print(f"tiny random MolmoE checkpoint: {folder}", file=sys.stderr)
+        print("note: the weights are random, so the answer is meaningless text; real weights take the same path:",
+              file=sys.stderr)
+        print("      molmoe-lite quantize RELEASE_DIR OUT_DIR && molmoe-lite run OUT_DIR --image IMAGE \"prompt\"",
+              file=sys.stderr)
+        model = load(folder, device=args.device, dtype=args.dtype, threads=args.threads)
+    except MolmoeLiteError as exc:
+        if isinstance(exc, UsageError):  # the user's options, not the cache
+            raise
+        # a cached file damaged since it was written: the way out is to let the demo write it again
+        raise MolmoeLiteError(f"{exc} (the demo's cached checkpoint is damaged: delete {float_folder} and "
+                              f"{float_folder}-int4, and the demo writes them again)") from exc
     _reset_peak_rss()
     image = args.image or demo_image()
     print(f"prompt: {args.prompt}", file=sys.stderr)

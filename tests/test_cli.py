@@ -45,6 +45,19 @@ def test_demo_writes_its_checkpoint_once_and_answers(tmp_path):
     assert first.stdout == second.stdout
 
 
+def test_demo_with_a_damaged_cache_says_how_to_rebuild_it(tmp_path, monkeypatch, capsys):
+    from molmoe_lite.cli import main
+    from molmoe_lite.demo import demo_checkpoint, demo_quantized
+
+    monkeypatch.setenv("MOLMOE_LITE_CACHE", str(tmp_path))
+    float_folder = demo_checkpoint()
+    shard = next(demo_quantized(float_folder).glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:1000])  # a cache file cut short (disk full, a crash)
+    assert main(["demo", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert shard.name in err and f"delete {float_folder} and {float_folder}-int4" in err
+
+
 def test_run_streams_an_answer_for_an_image_file(tiny_release, tmp_path):
     from molmoe_lite.demo import demo_image
 
