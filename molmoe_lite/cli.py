@@ -138,10 +138,10 @@ def _add_compare_parser(sub) -> None:
         help="top-1 agreement and KL divergence between a float and a quantised model",
         description="Run FLOAT_DIR and QUANT_DIR in turn on the same image and prompt and compare their logits at every position.",
     )
-    cmp_.add_argument("float_dir", metavar="FLOAT_DIR")
-    cmp_.add_argument("quant_dir", metavar="QUANT_DIR")
-    cmp_.add_argument("--image", required=True, metavar="PATH")
-    cmp_.add_argument("--prompt", default="Describe this image.")
+    cmp_.add_argument("float_dir", metavar="FLOAT_DIR", help="the float checkpoint (the release), the reference")
+    cmp_.add_argument("quant_dir", metavar="QUANT_DIR", help="its quantised conversion (molmoe-lite quantize's output)")
+    cmp_.add_argument("--image", required=True, metavar="PATH", help="the image both models see")
+    cmp_.add_argument("--prompt", default="Describe this image.", help="the prompt both models see (default: %(default)r)")
     _add_device_args(cmp_)
     cmp_.add_argument("--json", action="store_true", help="print the full result as JSON")
     cmp_.set_defaults(func=cmd_compare)

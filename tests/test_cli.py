@@ -24,6 +24,17 @@ def test_help_explains_the_commands():
     assert "--image" in run_help.stdout and "hub id" in run_help.stdout
 
 
+def test_every_argument_of_every_command_has_help():
+    import argparse
+
+    from molmoe_lite.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions
+              if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert not silent, f"arguments without a --help line: {silent}"
+
+
 def test_demo_writes_its_checkpoint_once_and_answers(tmp_path):
     env = {"MOLMOE_LITE_CACHE": str(tmp_path)}
     first = _cli("demo", "--max-new-tokens", "5", env_extra=env)
