@@ -424,8 +424,10 @@ def test_inspect_release_config_kv_cache(real_release_dir, tmp_path):
     assert kv_cache_bytes(cfg, 4096) == 512 * 1024**2  # 16 * 2 * 4096 * 16 * 128 * 2 bytes
     # with a weights file that does not hold those sizes, inspect refuses to size anything
     shutil.copy(real_release_dir / "config.json", tmp_path / "config.json")
-    save_release_checkpoint({"lm_head.weight": torch.zeros(2, 2)}, tmp_path, "safetensors")
-    with pytest.raises(ConfigError, match=r"n_layers=16 but model.safetensors holds 0 decoder blocks"):
+    # (one decoder tensor: a file with none at all is another model's, refused as such)
+    save_release_checkpoint({"lm_head.weight": torch.zeros(2, 2),
+                             "model.transformer.blocks.0.attn.q_norm.weight": torch.zeros(2)}, tmp_path, "safetensors")
+    with pytest.raises(ConfigError, match=r"n_layers=16 but model.safetensors holds 1 decoder blocks"):
         inspect_checkpoint(tmp_path, context=4096)
 
 
