@@ -15,7 +15,8 @@ weak spots this module fixes while keeping that path available:
   16-bit scan comes out nearly white; we rescale those to 8 bits first.
 
 Inputs: a ``PIL.Image``, a file path (``str`` / ``Path``), raw ``bytes`` or a binary
-file object, or a uint8 array / tensor shaped HxW, HxWx1, HxWx3 or HxWx4. Every
+file object, or a uint8 array / tensor shaped HxW, HxWx1, HxWx3 or HxWx4 (a web address is
+refused with a line saying to download it: nothing is fetched). Every
 failure is an ``ImageError`` (a ``ValueError``) that names the source and the problem.
 """
 
@@ -55,6 +56,8 @@ def load_image(x: Any, transparent: str = "composite") -> Image.Image:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             where = getattr(image, "filename", "") or source
             raise ImageError(f"{where}: image data is truncated or corrupt: {exc}") from exc
+    elif isinstance(x, str) and x.lower().startswith(("http://", "https://")):
+        raise ImageError(f"{x}: a web address; images are read from local files only: download it first")
     elif isinstance(x, (str, Path)):
         image, source = _open_file(Path(x)), str(x)
     elif isinstance(x, (bytes, bytearray)) or hasattr(x, "read"):

@@ -415,7 +415,7 @@ class Processor:
             try:
                 parts.append(preprocess_image(np.array(load_image(im, transparent)), cfg, self.special_ids))
             except ImageError as exc:
-                if not isinstance(im, (str, Path)) or str(exc).startswith(str(im)):
+                if not isinstance(im, (str, Path)) or str(exc).startswith((str(im), str(Path(im)))):
                     raise
                 raise ImageError(f"{im}: {exc}") from exc  # name the file when the message lacks it
 

@@ -179,8 +179,11 @@ def test_arrays(shape, kind):
         (np.zeros((4, 4, 2), np.uint8), "expected HxW"),
         ("not a path that exists.png", "no such file"),
         (12345, "not an image input"),
+        ("https://example.com/cat.jpg", r"^https://example.com/cat.jpg: a web address; .* download it first$"),
+        ("HTTP://example.com/cat.jpg", "a web address"),
     ],
-    ids=["float-array", "CHW-tensor", "empty-array", "1-d", "2-channels", "missing-file", "int"],
+    ids=["float-array", "CHW-tensor", "empty-array", "1-d", "2-channels", "missing-file", "int", "https-url",
+         "upper-case-url"],
 )
 def test_bad_inputs_raise_image_error(x, message):
     with pytest.raises(ImageError, match=message):

@@ -328,6 +328,15 @@ def test_too_elongated_image_gives_image_error(tiny, tmp_path, w, h):
         tiny.process(path, PROMPT)
 
 
+@pytest.mark.parametrize("source", ["./missing.png", "https://example.com/cat.jpg"], ids=["dot-slash", "url"])
+def test_an_image_error_names_its_file_once(tiny, source):
+    from molmoe_lite.images import ImageError
+
+    with pytest.raises(ImageError) as info:
+        tiny.process(source, PROMPT)
+    assert str(info.value).count("missing.png" if "missing" in source else "example.com") == 1, str(info.value)
+
+
 @pytest.mark.parametrize("w, h", [(336, 1), (1, 336), (1, 1), (4000, 12)],
                          ids=["wide-limit", "tall-limit", "one-pixel", "wide-12px"])
 def test_thin_images_at_the_limit_still_process(tiny, w, h):
