@@ -8,10 +8,13 @@ vocabulary, ``tokenizer_config.json`` has no BOS), so every candidate string or 
 collected and the first one that exists in the vocabulary wins; BOS falls back to EOS,
 as the release's processor does (``bos_token_id or eos_token_id``).
 
+``TokenFloor`` bounds a text's token count from below without encoding it, so a text far
+too long for the context can be refused before the tokenizer spends seconds on it.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +93,42 @@ def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) and value else None
+
+
+# ---- a cheap lower bound on a text's token count -------------------------------------
+
+
+class TokenFloor:
+    """``floor(text)``: at least how many tokens ``text`` encodes to, without encoding it.
+
+    Every token stands for at most ``longest`` bytes of the text the tokenizer's model sees
+    (the text after its normalizer), so a text of B bytes takes at least ceil(B / longest)
+    tokens. ``longest`` is measured once from the vocabulary: for a byte-level vocabulary a
+    token's character count is its byte count; otherwise its UTF-8 length can only overstate
+    what it stands for, which keeps the bound a true lower bound. The normalizer is applied
+    only where it may change the text (NFC: Python's quick check first, so an already composed
+    text, nearly every text, costs one pass).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        from tokenizers import normalizers, pre_tokenizers
+
+        backend = tokenizer.backend_tokenizer
+        byte_level = isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel)
+        model_tokens = backend.get_vocab(with_added_tokens=False)
+        added = [t.content for t in tokenizer.added_tokens_decoder.values()]
+        self.longest = max(
+            max((len(t) if byte_level else len(t.encode("utf-8")) for t in model_tokens), default=1),
+            max((len(t.encode("utf-8")) for t in added), default=1),
+            1,
+        )
+        self._normalizer = backend.normalizer
+        self._nfc = isinstance(self._normalizer, normalizers.NFC)
+
+    def __call__(self, text: str) -> int:
+        if self._normalizer is not None and not (self._nfc and unicodedata.is_normalized("NFC", text)):
+            text = self._normalizer.normalize_str(text)
+        return -(-len(text.encode("utf-8", "surrogatepass")) // self.longest)
 
 
 # ---- tiny tokenizer ------------------------------------------------------------------

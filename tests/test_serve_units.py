@@ -5,6 +5,7 @@ engine's (``TextPieces``): their cases are in test_text_pieces, over a server in
 import base64
 import io
 import struct
+import unicodedata
 import zlib
 
 import numpy as np
@@ -110,6 +111,82 @@ def test_conversation_tokens_equal_the_whole_dialogue_tokenized_once(tiny_model)
     ids = proc.process(images=None, text=conversation_text(turns))["input_ids"].tolist()
     dialogue = " User: What is it? Assistant: A cat. User: Point to it. Assistant:"
     assert ids == [proc.bos_id] + proc.tokenizer.encode(dialogue, add_special_tokens=False)
+
+
+# ---- the prompt's token floor against the context ---------------------------------------------
+FLOOR_TEXTS = {
+    "ascii": "many words, and some more words " * 40,
+    "longest_token_repeated": None,  # the vocabulary's longest token, spelled out, many times
+    "multibyte": "ü€𝄞 " * 60,
+    "combining_marks_nfc_composes": "e\u0301a\u0308" * 80,  # fewer bytes once normalized
+    "special_token_inside": "a <|endoftext|> b " * 30,
+    "empty": "",
+}
+
+
+def _spelled_longest(tok):
+    """The text of the vocabulary's longest token (its byte-level characters decoded)."""
+    return tok.convert_tokens_to_string([max(tok.backend_tokenizer.get_vocab(with_added_tokens=False), key=len)])
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny", "release"])
+@pytest.mark.parametrize("name", list(FLOOR_TEXTS))
+def test_token_floor_never_exceeds_the_token_count(request, tiny_model, tokenizer, name):
+    from molmoe_lite.tokenizer import TokenFloor, load_tokenizer
+
+    if tokenizer == "tiny":
+        tok = tiny_model.processor.tokenizer
+    else:
+        tok = load_tokenizer(request.getfixturevalue("real_release_dir"))
+    text = FLOOR_TEXTS[name] if FLOOR_TEXTS[name] is not None else _spelled_longest(tok) * 50
+    floor = TokenFloor(tok)
+    assert floor(text) <= len(tok.encode(text, add_special_tokens=False))
+    # both tokenizers normalize with NFC: the floor counts the bytes the model sees
+    assert floor(text) == -(-len(unicodedata.normalize("NFC", text).encode()) // floor.longest)
+
+
+def _loaded(tiny_model, max_context):
+    from molmoe_lite.serve.app import Loaded
+
+    return Loaded(model=tiny_model, engine=None, max_context=max_context)
+
+
+# name, the text's floor as an offset from the context, max_tokens, refused before encoding
+FLOOR_EDGES = [
+    ("floor_equals_context", 0, None, True),
+    ("floor_over_context", 1, None, True),
+    ("floor_one_under_context", -1, None, False),
+    ("floor_plus_max_tokens_over", -5, 6, True),
+    ("floor_plus_max_tokens_equal", -5, 5, False),
+]
+
+
+@pytest.mark.parametrize("name, offset, max_tokens, refused", FLOOR_EDGES, ids=[e[0] for e in FLOOR_EDGES])
+def test_prompt_over_its_token_floor_is_refused_before_encoding(tiny_model, monkeypatch, name, offset,
+                                                                max_tokens, refused):
+    from molmoe_lite.serve.app import _prepare_inputs
+
+    context = 64
+    loaded = _loaded(tiny_model, context)
+    tok = tiny_model.processor.tokenizer
+    calls = []
+    real_encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    floor = context + offset
+    text = "a" * (loaded.token_floor.longest * floor)
+    assert loaded.token_floor(text) == floor  # the text sits exactly on the edge
+    over = {"max_tokens": max_tokens} if max_tokens is not None else {}
+    req = parse_chat_request(_body(messages=[{"role": "user", "content": text}], **over))
+    if refused:
+        with pytest.raises(APIError) as caught:
+            _prepare_inputs(loaded, req, ImageLimits())
+        error = caught.value
+        assert (error.status, error.code, error.param) == (400, "context_length_exceeded", "messages")
+        assert f"at least {floor} in the messages" in str(error.body()["error"]["message"])
+        assert calls == []
+    else:
+        inputs, _ = _prepare_inputs(loaded, req, ImageLimits())
+        assert calls and int(inputs["input_ids"].numel()) >= floor
 
 
 # ---- image URLs -------------------------------------------------------------------------------

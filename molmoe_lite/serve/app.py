@@ -4,12 +4,13 @@ Routes: ``POST /v1/chat/completions``, ``GET /v1/models`` (and ``/v1/models/{id}
 ``GET /health`` (200 once the model is loaded, 503 before), ``GET /`` (the page) and its
 static files. The model loads in a thread when the app starts, so the port answers
 (``/health``: 503 "loading") while it loads. A request goes: body (size-limited) ->
-JSON -> ``schema`` -> images (``image_urls``) -> the processor, in a worker thread ->
-``engine.submit``; its text comes back through ``bridge`` as a whole response or as
-server-sent events, as the engine made it: it already ends before a ``stop`` string, and no
-streamed piece holds text the answer will not (the engine's ``TextPieces`` holds back what
-may begin a stop string). Every refusal is an ``APIError`` answered in OpenAI's error shape;
-anything unexpected is logged and answered 500, and the server carries on.
+JSON -> ``schema`` -> in a worker thread: the text's token floor against the context, the
+images (``image_urls``), the processor -> ``engine.submit``; its text comes back through
+``bridge`` as a whole response or as server-sent events, as the engine made it: it already
+ends before a ``stop`` string, and no streamed piece holds text the answer will not (the
+engine's ``TextPieces`` holds back what may begin a stop string). Every refusal is an
+``APIError`` answered in OpenAI's error shape; anything unexpected is logged and answered
+500, and the server carries on.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from molmoe_lite.serve.image_urls import ImageLimits, read_image
 from molmoe_lite.serve.prompt import conversation_images, conversation_text
 from molmoe_lite.serve.responses import Reply, sse
 from molmoe_lite.serve.schema import ChatRequest, parse_chat_request
+from molmoe_lite.tokenizer import TokenFloor
 
 log = logging.getLogger("molmoe_lite.serve")
 
@@ -58,11 +60,16 @@ class ServeConfig:
 
 @dataclass
 class Loaded:
-    """What the loader returns: the model (processor attached), a started engine, its context."""
+    """What the loader returns: the model (processor attached), a started engine, its context;
+    and, measured once from the tokenizer here, the floor of a text's token count."""
 
     model: Any
     engine: Any
     max_context: int
+    token_floor: TokenFloor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_floor = TokenFloor(self.model.processor.tokenizer)
 
 
 class ServeState:
@@ -210,26 +217,38 @@ async def chat_completions(request: Request) -> Response:
 
 
 def _prepare_inputs(loaded: Loaded, req: ChatRequest, limits: ImageLimits):
-    """Images decoded and checked, then the processor's inputs for the whole conversation."""
+    """Images decoded and checked, then the processor's inputs for the whole conversation.
+
+    A text whose token floor alone leaves no room is refused first: tokenizing megabytes
+    takes seconds, only to be refused by the same check afterwards."""
+    text = conversation_text(req.turns)
+    _check_room(loaded, loaded.token_floor(text), req.max_tokens, at_least=True)
     images = [read_image(url, limits, param) for url, param in conversation_images(req.turns)]
     try:
-        inputs = loaded.model.processor.process(images=images or None, text=conversation_text(req.turns))
+        inputs = loaded.model.processor.process(images=images or None, text=text)
     except MolmoeLiteError as exc:
         raise errors.bad_request(str(exc), param="messages", code="invalid_image") from None
     return inputs, (images[0].size if images else None)
 
 
-def _sampling_settings(req: ChatRequest, inputs: dict, loaded: Loaded, config: ServeConfig):
-    prompt = int(inputs["input_ids"].numel())
+def _check_room(loaded: Loaded, prompt: int, wanted: int | None, at_least: bool = False) -> int:
+    """The context left after a prompt of ``prompt`` tokens (``at_least``: a lower bound);
+    a 400 when no token, or fewer than ``wanted``, would fit."""
     room = loaded.max_context - prompt
-    wanted = req.max_tokens
     if room < 1 or (wanted is not None and wanted > room):
-        asked = f"{prompt} in the messages" + (f" + {wanted} to generate" if wanted is not None else "")
+        asked = f"{'at least ' if at_least else ''}{prompt} in the messages" + (
+            f" + {wanted} to generate" if wanted is not None else "")
         raise errors.bad_request(
             f"the server's context is {loaded.max_context} tokens, and this request needs more: {asked} "
             "(send a shorter conversation, a smaller image, or fewer max_tokens)",
             param="messages", code="context_length_exceeded",
         )
+    return room
+
+
+def _sampling_settings(req: ChatRequest, inputs: dict, loaded: Loaded, config: ServeConfig):
+    wanted = req.max_tokens
+    room = _check_room(loaded, int(inputs["input_ids"].numel()), wanted)
     max_new = wanted if wanted is not None else min(config.default_max_tokens, room)
     return SamplingSettings(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
                             stop_strings=req.stop, seed=req.seed)
