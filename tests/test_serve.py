@@ -101,6 +101,18 @@ def test_openai_client_stream_equals_generate(serve_server, tiny_model):
     assert len({c.id for c in chunks}) == 1
 
 
+def test_negative_seed_is_accepted_and_reproducible(serve_server):
+    """OpenAI takes any integer seed: a negative one samples like its 64-bit two's complement."""
+    def answer(seed):
+        r = _client(serve_server).chat.completions.create(
+            model=SERVE_MODEL, messages=_user("Tell a story."), max_tokens=TOKENS, temperature=1.0, seed=seed)
+        return r.choices[0].message.content
+
+    first = answer(-12345)
+    assert answer(-12345) == first
+    assert answer(2**64 - 12345) == first
+
+
 def test_stream_ends_with_done(serve_server):
     body = {"model": SERVE_MODEL, "messages": _user("hi"), "max_tokens": 3, "stream": True}
     events = _stream_events(serve_server, body)

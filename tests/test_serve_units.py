@@ -47,6 +47,9 @@ def test_schema_reads_every_supported_field():
     assert parse_chat_request(_body(max_tokens=5)).max_tokens == 5
     assert parse_chat_request(_body()).temperature == 0.0  # the release's greedy default
     assert parse_chat_request(_body(seed=2**64 - 1)).seed == 2**64 - 1  # the largest seed torch takes
+    # negative seeds (OpenAI takes them) wrap onto the generator's range: two's complement, 64 bits
+    assert parse_chat_request(_body(seed=-1)).seed == int.from_bytes((-1).to_bytes(8, "little", signed=True), "little")
+    assert parse_chat_request(_body(seed=-(2**63))).seed == 2**63  # the smallest signed 64-bit integer
 
 
 @pytest.mark.parametrize("name, over, param", [
@@ -74,7 +77,7 @@ def test_schema_reads_every_supported_field():
     ("max_tokens_bool", {"max_tokens": True}, "max_tokens"),
     ("temperature_high", {"temperature": 2.5}, "temperature"),
     ("top_p_zero", {"top_p": 0}, "top_p"),
-    ("seed_negative", {"seed": -1}, "seed"),
+    ("seed_under_64_bits", {"seed": -(2**63) - 1}, "seed"),
     ("seed_over_64_bits", {"seed": 2**64}, "seed"),
     ("lone_surrogate_content", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
     ("lone_surrogate_text_part", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},

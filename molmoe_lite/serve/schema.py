@@ -19,6 +19,7 @@ from molmoe_lite.serve.errors import bad_request
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 SEED_LIMIT = 2**64  # a torch generator's seed is an unsigned 64-bit integer
+SEED_MIN = -(2**63)  # OpenAI takes any integer seed; negative ones fit a signed 64-bit integer
 
 
 @dataclass
@@ -98,9 +99,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
             raise bad_request(f"top_p must be a number in (0, 1], got {p!r}", param="top_p")
         req.top_p = float(p)
     if body.get("seed") is not None:
-        if not _is_int(body["seed"]) or not 0 <= body["seed"] < SEED_LIMIT:
-            raise bad_request(f"seed must be an integer in [0, 2**64), got {body['seed']!r}", param="seed")
-        req.seed = body["seed"]
+        if not _is_int(body["seed"]) or not SEED_MIN <= body["seed"] < SEED_LIMIT:
+            raise bad_request(f"seed must be an integer in [-2**63, 2**64), got {body['seed']!r}", param="seed")
+        # a negative seed wraps onto the generator's range, as a cast to uint64 would
+        req.seed = body["seed"] % SEED_LIMIT
     req.stop = _stop(body.get("stop"))
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
