@@ -14,7 +14,7 @@ Method:
   The same tensors in the same order give byte-identical files.
 - ``atomic_output_dir`` builds an output in a temporary sibling folder and renames it into
   place only on success, so an interrupted conversion never leaves a half-written
-  checkpoint where a good one is expected.
+  checkpoint where a good one is expected, nor the parent folders it created for it.
 """
 
 from __future__ import annotations
@@ -263,8 +263,9 @@ def atomic_output_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``dst``; on success it becomes ``dst``.
 
     A non-empty ``dst`` is refused unless ``force`` (then it is replaced, only once the
-    new folder is complete). On any exception the temporary folder is removed and
-    ``dst`` is left as it was (absent if it was absent).
+    new folder is complete). On any exception the temporary folder is removed, and so are the
+    missing parent folders it created (when still empty); ``dst`` is left as it was (absent
+    if it was absent).
     """
     dst = Path(dst).absolute()
     if dst.exists() and not dst.is_dir():
@@ -272,13 +273,20 @@ def atomic_output_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise OutputError(f"{dst}: output folder exists and is not empty (pass --force, or force=True, to replace it)")
     parent = dst.parent
+    created = _missing_folders(parent)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_empty(created)
         raise OutputError(f"{parent}: cannot create the output's parent folder ({e.strerror or e})") from e
     if not os.access(parent, os.W_OK | os.X_OK):
+        _remove_empty(created)
         raise OutputError(f"{parent}: folder is not writable; cannot create {dst.name} in it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield tmp
         # mkdtemp makes a private (0700) folder; give the result the usual permissions.
@@ -300,4 +308,24 @@ def atomic_output_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created, deepest first, stopping at one that is not
+    empty (something else has put a file there since) or cannot be removed."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

@@ -351,6 +351,40 @@ def test_exception_half_way_leaves_no_dst(release, tmp_path, monkeypatch, existi
         _no_leftovers(tmp_path, "dst")
 
 
+def _nan_expert(folder, state):
+    s = dict(state)
+    key = expert_key(1, 3, "up_proj")
+    s[key] = s[key].clone()
+    s[key][0, 0] = float("nan")
+    _release_from_state(folder, s)
+    return key
+
+
+@pytest.mark.parametrize(
+    "existing,dst_parts,left",
+    [
+        ([], ("new", "deeper", "dst"), []),
+        (["kept"], ("kept", "deeper", "dst"), ["kept"]),
+    ],
+    ids=["two-missing-parents", "missing-parent-under-an-existing-folder"],
+)
+def test_failure_removes_the_parent_folders_it_created(state, tmp_path, existing, dst_parts, left):
+    """A conversion that fails (a NaN weight, found while quantising) after the missing parent
+    folders of dst were made takes away those folders, and only those."""
+    src = tmp_path / "src"
+    src.mkdir()
+    key = _nan_expert(src, state)
+    for name in existing:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "note.txt").write_text("not ours")
+    with pytest.raises(QuantFormatError, match="NaN") as info:
+        convert(src, tmp_path.joinpath(*dst_parts), progress=False)
+    assert key in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", *left])
+    for name in left:
+        assert [p.name for p in (tmp_path / name).iterdir()] == ["note.txt"]
+
+
 # ---------------------------------------------------------------------------- planned writer
 
 
