@@ -41,6 +41,11 @@ class ImageError(MolmoeLiteError, ValueError):
     """An input that cannot be turned into an RGB image (names the source and the problem)."""
 
 
+def is_web_address(x: str) -> bool:
+    """Whether ``x`` is an http(s) address, which ``load_image`` refuses (it reads local files)."""
+    return x.lower().startswith(("http://", "https://"))
+
+
 def load_image(x: Any, transparent: str = "composite") -> Image.Image:
     """Return ``x`` as an RGB ``PIL.Image`` (see the module docstring for the accepted inputs).
 
@@ -56,7 +61,7 @@ def load_image(x: Any, transparent: str = "composite") -> Image.Image:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             where = getattr(image, "filename", "") or source
             raise ImageError(f"{where}: image data is truncated or corrupt: {exc}") from exc
-    elif isinstance(x, str) and x.lower().startswith(("http://", "https://")):
+    elif isinstance(x, str) and is_web_address(x):
         raise ImageError(f"{x}: a web address; images are read from local files only: download it first")
     elif isinstance(x, (str, Path)):
         image, source = _open_file(Path(x)), str(x)

@@ -141,6 +141,29 @@ def test_jsonl_paths_are_relative_to_the_file_and_a_missing_file_is_a_row_error(
     assert (summary.done, summary.failed) == (2, 1)
 
 
+WEB_IMAGES = ["https://example.com/cat.jpg", "HTTP://example.com/a/b.png?size=2"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "dicts"])
+def test_a_web_address_row_says_images_are_read_from_local_files(tmp_path, kind):
+    from molmoe_lite.batch.answer import prepare
+
+    items = [{"id": str(i), "image": url} for i, url in enumerate(WEB_IMAGES)]
+    if kind == "jsonl":
+        source = tmp_path / "rows.jsonl"
+        source.write_text("".join(json.dumps(item) + "\n" for item in items))
+    elif kind == "csv":
+        source = tmp_path / "rows.csv"
+        source.write_text("id,image\n" + "".join(f"{item['id']},{item['image']}\n" for item in items))
+    else:
+        source = items
+    for row, url in zip(read_rows(source), WEB_IMAGES):
+        error = prepare(None, row).error  # refused before the processor is needed
+        assert row.image == url and error.startswith(f"{url}: ")  # the address as given, slashes kept
+        assert "read from local files only" in error and "download it first" in error
+        assert "no such file" not in error
+
+
 def test_csv_rows(tiny_model, tmp_path, folder):
     csv_file = tmp_path / "rows.csv"
     csv_file.write_text(f"id,image,prompt\nx,{folder / 'a.png'},Where is the house?\ny,{folder / 'c.JPG'},\n")

@@ -6,7 +6,8 @@ file holds one JSON object per line, a CSV file a header and one row per line; b
 need ``id`` and ``image`` (a path relative to the file) and may give ``prompt``
 (otherwise the job's prompt applies). Problems of the input file itself (a line that is
 not JSON, a missing or repeated id) stop the job before any work, naming the file and
-line; problems of one image (missing, corrupt, not an image) are found later, row by row.
+line; problems of one image (missing, corrupt, not an image, a web address) are found later,
+row by row.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from molmoe_lite.errors import MolmoeLiteError
+from molmoe_lite.images import is_web_address
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_PROMPT = "Describe this image."
@@ -120,7 +122,10 @@ def _checked(items: Iterable[tuple[str, Any]], base: Path, default: str, source:
         seen[row_id] = where
         image = str(item["image"])
         text = item.get("prompt")
-        rows.append(Row(id=row_id, image=image, path=str(base / image), prompt=default if text in (None, "") else str(text)))
+        # a web address stays as given, so reading it says images are read from local files
+        # (joined to base it would read as a missing file "https:/host/x.jpg")
+        path = image if is_web_address(image) else str(base / image)
+        rows.append(Row(id=row_id, image=image, path=path, prompt=default if text in (None, "") else str(text)))
     if not rows:
         raise BatchInputError(f"{source}: no rows")
     return rows
