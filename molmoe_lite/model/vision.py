@@ -31,6 +31,8 @@ G = Gh*Gw pooled tokens per crop (12*12), d LLM width.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,8 +43,8 @@ from molmoe_lite.errors import MolmoeLiteError
 # The processor pads batches (images and masks alike) with this exact value.
 BATCH_PAD_VALUE = -1.0
 
-# The ViT runs at most this many crops at a time, so its working memory (about 30 MB a crop
-# in fp32, at the MLP) does not grow with the number of crops of a batch. Four crops are
+# Each ViT block runs at most this many crops at a time, so its working memory (about 30 MB a
+# crop in fp32, at the MLP) does not grow with the number of crops of a batch. Four crops are
 # 2308 rows, already enough for full-speed matmuls (on a 2-core AVX-512 CPU: 233 GFLOP/s at
 # 2308 rows against 229 at all 7 crops of a 640x480 image).
 VIT_CROPS_PER_PASS = 4
@@ -52,17 +54,23 @@ class VisionInputError(MolmoeLiteError, ValueError):
     """Images or image masks whose shapes do not fit the vision backbone's config."""
 
 
-def run_in_dtype(module: nn.Module, dtype: torch.dtype, *args: torch.Tensor) -> torch.Tensor:
-    """``module(*args)`` with its floating-point parameters cast to ``dtype`` for this call only.
+def in_dtype(module: nn.Module, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """``module`` as a function whose floating-point parameters are cast to ``dtype``, once.
 
-    A plain call when they already are. Otherwise the widened copies exist only during the
-    call, so a model whose weights are stored narrower holds one module's wide copy at a time.
+    The module itself when they already are. Otherwise the widened copies live as long as the
+    returned function, so a model whose weights are stored narrower holds one module's wide
+    copy at a time.
     """
     params = dict(module.named_parameters())
     if all(p.dtype == dtype or not p.is_floating_point() for p in params.values()):
-        return module(*args)
+        return module
     wide = {name: p.to(dtype) if p.is_floating_point() else p for name, p in params.items()}
-    return torch.func.functional_call(module, wide, args)
+    return lambda *args: torch.func.functional_call(module, wide, args)
+
+
+def run_in_dtype(module: nn.Module, dtype: torch.dtype, *args: torch.Tensor) -> torch.Tensor:
+    """``module(*args)`` with its floating-point parameters cast to ``dtype`` for this call only."""
+    return in_dtype(module, dtype)(*args)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +195,8 @@ class ViT(nn.Module):
 
         ``keep``: only these blocks' outputs, in that order; the others are dropped as soon as
         the next block has run (the 22 blocks MolmoE runs on 13 crops would hold 0.31 GiB in
-        bf16 at the peak of the prefill).
+        bf16 at the peak of the prefill). Each block runs VIT_CROPS_PER_PASS crops at a time,
+        its weights widened to the compute dtype once for all of them.
         """
         dtype = self.compute_dtype
         x = run_in_dtype(self.patch_embedding, dtype, patches.to(dtype))  # [N, P, D]
@@ -196,7 +205,8 @@ class ViT(nn.Module):
         x = self.pre_ln(x)
         outputs = {}
         for i, block in enumerate(self.transformer.resblocks[:n_blocks]):
-            x = run_in_dtype(block, dtype, x)
+            run = in_dtype(block, dtype)
+            x = torch.cat([run(crops) for crops in x.split(VIT_CROPS_PER_PASS)])
             if keep is None or i in keep:
                 outputs[i] = x
         return list(outputs.values()) if keep is None else [outputs[i] for i in keep]
@@ -243,14 +253,10 @@ class VisionBackbone(nn.Module):
 
     # ---- the steps of the forward pass -------------------------------------------
     def crop_features(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches [N, P, F] -> concatenated ViT features [N, P, C] (class position dropped),
-        VIT_CROPS_PER_PASS crops at a time."""
-        feats = []
-        for chunk in patches.split(VIT_CROPS_PER_PASS):
-            # Blocks after the last one used would be computed for nothing.
-            outputs = self.image_vit(chunk, n_blocks=max(self.feature_blocks) + 1, keep=self.feature_blocks)
-            feats.append(torch.cat(outputs, dim=-1)[:, 1:])
-        return torch.cat(feats)
+        """patches [N, P, F] -> concatenated ViT features [N, P, C] (class position dropped)."""
+        # Blocks after the last one used would be computed for nothing.
+        outputs = self.image_vit(patches, n_blocks=max(self.feature_blocks) + 1, keep=self.feature_blocks)
+        return torch.cat(outputs, dim=-1)[:, 1:]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, n, P, F] -> features [B, n, P, C]; crops with any exact -1.0 are all zeros."""
